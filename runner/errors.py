@@ -1,0 +1,44 @@
+"""Exception types, split by who must act on them.
+
+`RunnerError` is for the person at the terminal: the CLI prints it as one line and
+exits 1.  `JobError` is for the job: the daemon records it on the job (error class
+plus a message a person understands) and moves on to the next video.
+"""
+
+from __future__ import annotations
+
+
+class RunnerError(Exception):
+    """A problem with the user's input or environment; shown as one line, exit 1."""
+
+
+class JobStateError(RuntimeError):
+    """A guarded state change matched no row: the job was not in the state we assumed."""
+
+
+class JobError(Exception):
+    """A video could not be processed; the message is stored on the job."""
+
+    error_class = "error"
+    #: Transient errors are worth another attempt; permanent ones fail at once.
+    transient = False
+
+    def __init__(self, message: str, *, http_status: int | None = None) -> None:
+        super().__init__(message)
+        self.http_status = http_status
+
+
+class DownloadError(JobError):
+    error_class = "download"
+
+
+class TransientDownloadError(DownloadError):
+    transient = True
+
+
+class DecodeError(JobError):
+    error_class = "decode"
+
+
+class EmbedError(JobError):
+    error_class = "embed"

@@ -1,0 +1,50 @@
+"""The database schema, as SQLAlchemy tables.
+
+Alembic revisions in ``migrations/versions`` must produce exactly this metadata;
+``tests/test_migrations.py`` compares the two so they cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    Column,
+    Float,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+)
+
+metadata = MetaData()
+
+#: One row per catalogue key.  Timestamps are unix seconds (float), so maintenance
+#: functions can take ``now`` as a plain number and tests never sleep.
+jobs = Table(
+    "jobs",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("key", Text, nullable=False, unique=True),
+    Column("url", Text, nullable=True),
+    Column("meta", Text, nullable=True),  # the record's other fields, as JSON text
+    Column("status", String(16), nullable=False, server_default="pending"),
+    Column("attempts", Integer, nullable=False, server_default="0"),
+    Column("error", Text, nullable=True),
+    Column("error_class", String(32), nullable=True),
+    Column("http_status", Integer, nullable=True),
+    Column("worker_id", String(64), nullable=True),
+    Column("created_at", Float, nullable=False),
+    Column("claimed_at", Float, nullable=True),
+    Column("lease_expires_at", Float, nullable=True),
+    Column("finished_at", Float, nullable=True),
+    # results: the vector as little-endian float32 bytes plus its dimension
+    Column("vector", LargeBinary, nullable=True),
+    Column("vector_dim", Integer, nullable=True),
+    Column("video_duration_s", Float, nullable=True),
+    Column("channels_count", Integer, nullable=True),
+    Column("processing_audio_time_s", Float, nullable=True),
+    Column("model_id", Text, nullable=True),
+    Index("ix_jobs_status_id", "status", "id"),
+)
