@@ -254,9 +254,11 @@ def upsert_records(conn: Connection, records: Sequence[Record], *, now: float) -
             inserts.append(params)
         elif row.status in (Status.PENDING.value, Status.FAILED.value) and row.url != record.url:
             updates.append(params)
-        else:
+        elif not record.invalid:
             counts.unchanged += 1
             continue
+        # A record with an unusable URL is reported as invalid on every import,
+        # whether or not it changed anything, so the user sees it each time.
         if record.invalid:
             counts.invalid += 1
         elif row is None:

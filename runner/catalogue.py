@@ -1,0 +1,182 @@
+"""Streamed import of the user's catalogue into the jobs table.
+
+The catalogue can hold millions of records, so it is parsed incrementally (ijson)
+and written in batches; memory depends on the batch size, not the file size.  The
+whole import is one transaction: a file that turns out to be broken half-way
+writes nothing.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+from urllib.parse import urlsplit
+
+import ijson
+from sqlalchemy import Engine
+
+from runner import jobs
+from runner.errors import RunnerError
+
+BATCH_RECORDS = 5_000
+MAX_KEY_CHARS = 4_096
+
+
+@dataclass(frozen=True)
+class CatalogueFormat:
+    key_field: str = "id"
+    url_field: str = "url"
+
+
+def url_problem(url: object) -> str | None:
+    """Why `url` cannot be downloaded, or None if it can."""
+    if url is None:
+        return "no url"
+    if not isinstance(url, str):
+        return f"url is not a string ({type(url).__name__})"
+    if not url.strip():
+        return "url is empty"
+    parts = urlsplit(url.strip())
+    if parts.scheme.lower() not in ("http", "https"):
+        return f"unsupported url scheme {parts.scheme or '(none)'!r}: only http and https"
+    if not parts.hostname:
+        return "url has no host"
+    return None
+
+
+def _record(key: str, value: Any, fmt: CatalogueFormat) -> jobs.Record:
+    if not isinstance(value, dict):
+        return jobs.Record(key=key, url=None, meta={},
+                           invalid=f"record is not an object ({type(value).__name__})")
+    raw_url = value.get(fmt.url_field)
+    problem = url_problem(raw_url)
+    url = raw_url.strip() if isinstance(raw_url, str) else None
+    meta = {k: v for k, v in value.items() if k != fmt.url_field}
+    if problem is not None:
+        problem = f"{problem} (field {fmt.url_field!r})"
+    return jobs.Record(key=key, url=url, meta=meta, invalid=problem)
+
+
+def _top_level_kind(stream: BinaryIO, path: Path) -> str:
+    head = stream.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+    stream.seek(0)
+    if head[:1] == b"{":
+        return "object"
+    if head[:1] == b"[":
+        return "array"
+    if not head:
+        raise RunnerError(f"{path}: empty file, expected a JSON object or array")
+    first = re.match(rb"[^\s,:]{1,20}", head)
+    shown = first.group(0).decode("utf-8", "replace") if first else repr(head[:1])
+    raise RunnerError(
+        f"{path}: top-level JSON value must be an object {{key: record}} or an array of "
+        f"records, found {shown!r}")
+
+
+def _key_problem(key: object) -> str | None:
+    if not isinstance(key, str | int) or isinstance(key, bool):
+        return f"key is not a string ({type(key).__name__})"
+    if not str(key):
+        return "key is empty"
+    if len(str(key)) > MAX_KEY_CHARS:
+        return f"key is longer than {MAX_KEY_CHARS} characters"
+    return None
+
+
+@dataclass
+class Rejected:
+    """Records that cannot be stored at all (no usable key): counted and described."""
+
+    count: int = 0
+    first_reason: str | None = None
+
+    def add(self, reason: str) -> None:
+        self.count += 1
+        self.first_reason = self.first_reason or reason
+
+
+def iter_records(stream: BinaryIO, path: Path, fmt: CatalogueFormat,
+                 rejected: Rejected) -> Iterator[jobs.Record]:
+    kind = _top_level_kind(stream, path)
+    if kind == "object":
+        for key, value in ijson.kvitems(stream, "", use_float=True):
+            problem = _key_problem(key)
+            if problem:
+                rejected.add(problem)
+                continue
+            yield _record(key, value, fmt)
+        return
+    for index, value in enumerate(ijson.items(stream, "item", use_float=True)):
+        key = value.get(fmt.key_field) if isinstance(value, dict) else None
+        problem = _key_problem(key) if key is not None else f"no {fmt.key_field!r} field"
+        if problem:
+            rejected.add(f"record #{index}: {problem}")
+            continue
+        record = _record(str(key), value, fmt)
+        meta = {k: v for k, v in record.meta.items() if k != fmt.key_field}
+        yield jobs.Record(key=record.key, url=record.url, meta=meta, invalid=record.invalid)
+
+
+def _json_error_position(path: Path) -> str:
+    """Line and column of the first syntax error.
+
+    Only the error path pays for this: the pure-Python ijson backend reports the
+    character offset that the fast C backend does not, then we count lines up to it.
+    """
+    backend = ijson.get_backend("python")
+    offset = None
+    try:
+        with path.open("rb") as stream:
+            for _ in backend.parse(stream):
+                pass
+    except Exception as exc:  # noqa: BLE001 - any parser complaint carries the position
+        found = re.search(r"at (\d+)", str(exc))
+        offset = int(found.group(1)) if found else None
+    line, column, seen = 1, 1, 0
+    with path.open("r", encoding="utf-8", errors="replace") as text_stream:
+        while offset is None or seen < offset:
+            chunk = text_stream.read(1 << 20)
+            if not chunk:
+                break
+            part = chunk if offset is None else chunk[: offset - seen]
+            newlines = part.count("\n")
+            if newlines:
+                line += newlines
+                column = len(part) - part.rfind("\n")
+            else:
+                column += len(part)
+            seen += len(part)
+    return f"line {line} column {column}"
+
+
+def import_catalogue(engine: Engine, path: Path, fmt: CatalogueFormat,
+                     *, now: float | None = None) -> tuple[jobs.ImportCounts, Rejected]:
+    now = time.time() if now is None else now
+    counts, rejected = jobs.ImportCounts(), Rejected()
+    try:
+        stream = path.open("rb")
+    except OSError as exc:
+        raise RunnerError(f"cannot read {path}: {exc.strerror}") from None
+    with stream, engine.begin() as conn:
+        batch: list[jobs.Record] = []
+        try:
+            for record in iter_records(stream, path, fmt, rejected):
+                batch.append(record)
+                if len(batch) >= BATCH_RECORDS:
+                    counts.add(jobs.upsert_records(conn, batch, now=now))
+                    batch.clear()
+        except ijson.JSONError as exc:
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise RunnerError(
+                f"{path}: invalid JSON at {_json_error_position(path)}: {reason}; "
+                "nothing was imported") from None
+        except UnicodeDecodeError as exc:
+            raise RunnerError(f"{path}: not UTF-8 text ({exc.reason}); nothing was imported") \
+                from None
+        counts.add(jobs.upsert_records(conn, batch, now=now))
+    counts.invalid += rejected.count
+    return counts, rejected
