@@ -32,8 +32,14 @@ class CatalogueFormat:
     url_field: str = "url"
 
 
+#: The common case, checked without urlsplit's cost: scheme, "//", a host character.
+_PLAUSIBLE_URL = re.compile(r"\s*https?://[^/?#\s@:]", re.IGNORECASE)
+
+
 def url_problem(url: object) -> str | None:
     """Why `url` cannot be downloaded, or None if it can."""
+    if isinstance(url, str) and _PLAUSIBLE_URL.match(url):
+        return None
     if url is None:
         return "no url"
     if not isinstance(url, str):

@@ -156,3 +156,7 @@ def status(ctx: click.Context, as_json: bool, top: int) -> None:
 
     report = read_status(_engine(ctx), top=top)
     click.echo(json.dumps(report, indent=2) if as_json else format_status(report))
+
+
+if __name__ == "__main__":
+    main()
