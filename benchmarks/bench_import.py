@@ -39,8 +39,11 @@ def write_catalogue(path: Path, records: int) -> None:
         out.write("{")
         for i in range(records):
             sep = "," if i else ""
-            record = {"url": f"https://cdn.example.com/videos/{i:08d}.mp4",
-                      "title": f"video {i}", "duration": rng.randint(5, 7200)}
+            record = {
+                "url": f"https://cdn.example.com/videos/{i:08d}.mp4",
+                "title": f"video {i}",
+                "duration": rng.randint(5, 7200),
+            }
             out.write(f'{sep}\n"vid{i:08d}": {json.dumps(record)}')
         out.write("\n}\n")
 
@@ -66,12 +69,23 @@ def main() -> None:
         catalogue = root / "all_videos.json"
         write_catalogue(catalogue, args.records)
         size_mb = catalogue.stat().st_size / 1e6
-        runner = [sys.executable, "-m", "runner.cli", "--db", f"sqlite:///{root / 'r.db'}",
-                  "import", str(catalogue)]
-        rows = [("baseline (json.load + sqlite3)",
-                 *measure([sys.executable, "-c", BASELINE, str(catalogue), str(root / "b.db")])),
-                ("runner import", *measure(runner)),
-                ("runner import (again)", *measure(runner))]
+        runner = [
+            sys.executable,
+            "-m",
+            "runner.cli",
+            "--db",
+            f"sqlite:///{root / 'r.db'}",
+            "import",
+            str(catalogue),
+        ]
+        rows = [
+            (
+                "baseline (json.load + sqlite3)",
+                *measure([sys.executable, "-c", BASELINE, str(catalogue), str(root / "b.db")]),
+            ),
+            ("runner import", *measure(runner)),
+            ("runner import (again)", *measure(runner)),
+        ]
     base_wall = rows[0][1]
     print(f"catalogue: {args.records:,} records, {size_mb:.0f} MB")
     print(f"{'run':<32}{'wall s':>9}{'peak RSS MB':>13}{'wall/base':>11}  output")

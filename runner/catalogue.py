@@ -56,8 +56,9 @@ def url_problem(url: object) -> str | None:
 
 def _record(key: str, value: Any, fmt: CatalogueFormat) -> jobs.Record:
     if not isinstance(value, dict):
-        return jobs.Record(key=key, url=None, meta={},
-                           invalid=f"record is not an object ({type(value).__name__})")
+        return jobs.Record(
+            key=key, url=None, meta={}, invalid=f"record is not an object ({type(value).__name__})"
+        )
     raw_url = value.get(fmt.url_field)
     problem = url_problem(raw_url)
     url = raw_url.strip() if isinstance(raw_url, str) else None
@@ -80,7 +81,8 @@ def _top_level_kind(stream: BinaryIO, path: Path) -> str:
     shown = first.group(0).decode("utf-8", "replace") if first else repr(head[:1])
     raise RunnerError(
         f"{path}: top-level JSON value must be an object {{key: record}} or an array of "
-        f"records, found {shown!r}")
+        f"records, found {shown!r}"
+    )
 
 
 def _key_problem(key: object) -> str | None:
@@ -105,8 +107,9 @@ class Rejected:
         self.first_reason = self.first_reason or reason
 
 
-def iter_records(stream: BinaryIO, path: Path, fmt: CatalogueFormat,
-                 rejected: Rejected) -> Iterator[jobs.Record]:
+def iter_records(
+    stream: BinaryIO, path: Path, fmt: CatalogueFormat, rejected: Rejected
+) -> Iterator[jobs.Record]:
     kind = _top_level_kind(stream, path)
     if kind == "object":
         for key, value in ijson.kvitems(stream, "", use_float=True):
@@ -139,7 +142,7 @@ def _json_error_position(path: Path) -> str:
         with path.open("rb") as stream:
             for _ in backend.parse(stream):
                 pass
-    except Exception as exc:  # noqa: BLE001 - any parser complaint carries the position
+    except Exception as exc:
         found = re.search(r"at (\d+)", str(exc))
         offset = int(found.group(1)) if found else None
     line, column, seen = 1, 1, 0
@@ -159,8 +162,9 @@ def _json_error_position(path: Path) -> str:
     return f"line {line} column {column}"
 
 
-def import_catalogue(engine: Engine, path: Path, fmt: CatalogueFormat,
-                     *, now: float | None = None) -> tuple[jobs.ImportCounts, Rejected]:
+def import_catalogue(
+    engine: Engine, path: Path, fmt: CatalogueFormat, *, now: float | None = None
+) -> tuple[jobs.ImportCounts, Rejected]:
     now = time.time() if now is None else now
     counts, rejected = jobs.ImportCounts(), Rejected()
     try:
@@ -179,10 +183,12 @@ def import_catalogue(engine: Engine, path: Path, fmt: CatalogueFormat,
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise RunnerError(
                 f"{path}: invalid JSON at {_json_error_position(path)}: {reason}; "
-                "nothing was imported") from None
+                "nothing was imported"
+            ) from None
         except UnicodeDecodeError as exc:
-            raise RunnerError(f"{path}: not UTF-8 text ({exc.reason}); nothing was imported") \
-                from None
+            raise RunnerError(
+                f"{path}: not UTF-8 text ({exc.reason}); nothing was imported"
+            ) from None
         counts.add(jobs.upsert_records(conn, batch, now=now))
     counts.invalid += rejected.count
     return counts, rejected

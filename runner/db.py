@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
 
@@ -33,7 +34,7 @@ def alembic_config(engine: Engine | None = None) -> Config:
     return cfg
 
 
-def _sqlite_pragmas(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     """WAL lets readers (export, status) run beside the daemon's writes; the busy
     timeout turns lock contention into waiting instead of 'database is locked'."""
     cur = dbapi_conn.cursor()
@@ -48,7 +49,7 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def
 READ_ONLY = "runner_read_only"
 
 
-def _sqlite_begin(conn) -> None:  # type: ignore[no-untyped-def]
+def _sqlite_begin(conn: Connection) -> None:
     """Writers take the write lock at BEGIN, so a transaction never fails half-way on
     upgrading a read lock to a write lock (SQLite's deadlock-avoidance error)."""
     if conn.get_execution_options().get(READ_ONLY):
@@ -69,8 +70,9 @@ def make_engine(url: str) -> Engine:
                 if not parent.is_dir():
                     raise RunnerError(f"database directory does not exist: {parent}")
             engine = create_engine(
-                parsed, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000,
-                                      "isolation_level": None})
+                parsed,
+                connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000, "isolation_level": None},
+            )
             event.listen(engine, "connect", _sqlite_pragmas)
             event.listen(engine, "begin", _sqlite_begin)
         else:
@@ -105,7 +107,8 @@ def migrate(engine: Engine) -> None:
     if current is not None and current not in {rev.revision for rev in script.walk_revisions()}:
         raise RunnerError(
             f"database schema revision {current!r} is newer than this runner knows "
-            f"(head {script.get_current_head()!r}); upgrade runner to use this database")
+            f"(head {script.get_current_head()!r}); upgrade runner to use this database"
+        )
     log.info("migrating database from %s to %s", current, script.get_current_head())
     command.upgrade(alembic_config(engine), "head")
 

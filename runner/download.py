@@ -36,13 +36,22 @@ class Downloaded:
     size_bytes: int
 
 
-def make_session(limits: DownloadLimits, *, connections: int, per_host: int) -> aiohttp.ClientSession:
-    timeout = aiohttp.ClientTimeout(total=None, sock_connect=limits.connect_timeout_s,
-                                    connect=limits.connect_timeout_s,
-                                    sock_read=limits.read_timeout_s)
+def make_session(
+    limits: DownloadLimits, *, connections: int, per_host: int
+) -> aiohttp.ClientSession:
+    timeout = aiohttp.ClientTimeout(
+        total=None,
+        sock_connect=limits.connect_timeout_s,
+        connect=limits.connect_timeout_s,
+        sock_read=limits.read_timeout_s,
+    )
     connector = aiohttp.TCPConnector(limit=connections, limit_per_host=per_host)
-    return aiohttp.ClientSession(timeout=timeout, connector=connector, auto_decompress=False,
-                                 headers={"User-Agent": "runner/0.1 (audio embeddings)"})
+    return aiohttp.ClientSession(
+        timeout=timeout,
+        connector=connector,
+        auto_decompress=False,
+        headers={"User-Agent": "runner/0.1 (audio embeddings)"},
+    )
 
 
 def _status_error(response: aiohttp.ClientResponse) -> DownloadError:
@@ -55,8 +64,9 @@ def _status_error(response: aiohttp.ClientResponse) -> DownloadError:
 def _check_content_type(response: aiohttp.ClientResponse) -> None:
     content_type = response.headers.get("Content-Type", "").split(";")[0].strip().lower()
     if content_type.startswith(NON_MEDIA_TYPES):
-        raise DownloadError(f"not a media file: server sent {content_type}",
-                            http_status=response.status)
+        raise DownloadError(
+            f"not a media file: server sent {content_type}", http_status=response.status
+        )
 
 
 async def _stream_body(response: aiohttp.ClientResponse, dest: Path, max_bytes: int) -> int:
@@ -75,8 +85,9 @@ async def _stream_body(response: aiohttp.ClientResponse, dest: Path, max_bytes: 
     return size
 
 
-async def download(session: aiohttp.ClientSession, url: str, dest: Path,
-                   limits: DownloadLimits) -> Downloaded:
+async def download(
+    session: aiohttp.ClientSession, url: str, dest: Path, limits: DownloadLimits
+) -> Downloaded:
     """Fetch `url` into `dest`; on any error `dest` may be partial and the caller removes it."""
     try:
         async with session.get(url, allow_redirects=True, max_redirects=10) as response:
@@ -86,8 +97,8 @@ async def download(session: aiohttp.ClientSession, url: str, dest: Path,
             size = await _stream_body(response, dest, limits.max_bytes)
     except (TimeoutError, asyncio.TimeoutError):
         raise TransientDownloadError(
-            f"timed out (connect {limits.connect_timeout_s:g} s, read "
-            f"{limits.read_timeout_s:g} s)") from None
+            f"timed out (connect {limits.connect_timeout_s:g} s, read {limits.read_timeout_s:g} s)"
+        ) from None
     except aiohttp.TooManyRedirects:
         raise DownloadError("too many redirects") from None
     except aiohttp.InvalidURL as exc:

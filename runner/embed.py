@@ -18,6 +18,7 @@ import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -75,8 +76,14 @@ def _quiet_transformers() -> None:
 class Embedder:
     """Owns the model on its device; one instance per process, used by one thread."""
 
-    def __init__(self, model_id: str = DEFAULT_MODEL_ID, *, device: str = "auto",
-                 dtype: str = "auto", compile_model: bool = False) -> None:
+    def __init__(
+        self,
+        model_id: str = DEFAULT_MODEL_ID,
+        *,
+        device: str = "auto",
+        dtype: str = "auto",
+        compile_model: bool = False,
+    ) -> None:
         _quiet_transformers()
         from transformers import Wav2Vec2FeatureExtractor, Wav2Vec2Model
 
@@ -86,16 +93,17 @@ class Embedder:
         try:
             self.features = Wav2Vec2FeatureExtractor.from_pretrained(model_id)
             # A CTC checkpoint loads without its head: we want the encoder's states.
-            model = Wav2Vec2Model.from_pretrained(model_id, attn_implementation="sdpa",
-                                                  dtype=self.dtype)
+            model = Wav2Vec2Model.from_pretrained(
+                model_id, attn_implementation="sdpa", dtype=self.dtype
+            )
         except OSError as exc:
             raise ValueError(f"cannot load model {model_id!r}: {exc}") from None
         model.eval().to(self.device)
-        self.model: torch.nn.Module = torch.compile(model) if compile_model else model
+        self.model: Any = torch.compile(model) if compile_model else model
         self._config = model.config
         self.hidden_size = int(model.config.hidden_size)
         self.masks_padding = model.config.feat_extract_norm == "layer"
-        self._output_lengths = model._get_feat_extract_output_lengths
+        self._output_lengths: Any = model._get_feat_extract_output_lengths
         self._pin = self.device.type == "cuda"
 
     def batch_key(self, n_samples: int) -> int:
@@ -109,8 +117,7 @@ class Embedder:
         """Normalise each window on its own real samples, then zero-pad (as the
         feature extractor does), into one host buffer that can be pinned."""
         longest = max(len(w) for w in windows)
-        values = torch.zeros((len(windows), longest), dtype=torch.float32,
-                             pin_memory=self._pin)
+        values = torch.zeros((len(windows), longest), dtype=torch.float32, pin_memory=self._pin)
         mask = torch.zeros((len(windows), longest), dtype=torch.long, pin_memory=self._pin)
         normalise = bool(getattr(self.features, "do_normalize", True))
         for row, window in enumerate(windows):
@@ -135,8 +142,9 @@ class Embedder:
         unit = torch.nn.functional.normalize(hidden, dim=-1) * valid[..., None]
         sums = unit.sum(dim=1).double().cpu().numpy()
         counts = frames.cpu().tolist()
-        return [WindowEmbedding(frame_sum=sums[i], frames=int(counts[i]))
-                for i in range(len(windows))]
+        return [
+            WindowEmbedding(frame_sum=sums[i], frames=int(counts[i])) for i in range(len(windows))
+        ]
 
 
 def pool(parts: Sequence[WindowEmbedding], hidden_size: int) -> np.ndarray:
@@ -192,9 +200,14 @@ class WindowBatcher:
             return []
         anchor = self.pending[0]
         key, size = self._key(len(anchor.samples)), len(anchor.samples)
-        ranked = sorted((i for i in range(1, len(self.pending))
-                         if self._key(len(self.pending[i].samples)) == key),
-                        key=lambda i: abs(len(self.pending[i].samples) - size))
+        ranked = sorted(
+            (
+                i
+                for i in range(1, len(self.pending))
+                if self._key(len(self.pending[i].samples)) == key
+            ),
+            key=lambda i: abs(len(self.pending[i].samples) - size),
+        )
         chosen, longest = [0], size
         for i in ranked:
             candidate = max(longest, len(self.pending[i].samples))

@@ -47,8 +47,12 @@ class JsonObjectWriter:
         stream.write("{")
 
     def write_raw(self, key: str, value_json: str) -> None:
-        self.stream.write(("\n" if self.count == 0 else ",\n") + json.dumps(key, ensure_ascii=False)
-                          + ": " + value_json)
+        self.stream.write(
+            ("\n" if self.count == 0 else ",\n")
+            + json.dumps(key, ensure_ascii=False)
+            + ": "
+            + value_json
+        )
         self.count += 1
 
     def write(self, key: str, value: Any) -> None:
@@ -79,8 +83,9 @@ def vector_json(blob: bytes, dim: int) -> str:
 
 def _stream(engine: Engine, stmt: Any) -> Iterator[Any]:
     with engine.connect() as conn:
-        conn = conn.execution_options(**{READ_ONLY: True}, stream_results=True,
-                                      yield_per=STREAM_ROWS)
+        conn = conn.execution_options(
+            **{READ_ONLY: True}, stream_results=True, yield_per=STREAM_ROWS
+        )
         with conn.begin():
             yield from conn.execute(stmt)
 
@@ -106,8 +111,9 @@ def _merge_old(engine: Engine, old_path: Path, writer: JsonObjectWriter) -> int:
     return kept
 
 
-def _write_unknown(conn: Any, known: Any, batch: list[tuple[str, Any]],
-                   writer: JsonObjectWriter) -> int:
+def _write_unknown(
+    conn: Any, known: Any, batch: list[tuple[str, Any]], writer: JsonObjectWriter
+) -> int:
     if not batch:
         return 0
     in_db = set(conn.execute(known, {"keys": [key for key, _ in batch]}).scalars())
@@ -120,16 +126,30 @@ def _write_unknown(conn: Any, known: Any, batch: list[tuple[str, Any]],
 
 
 def _write_done(engine: Engine, out: Path, merge: bool) -> tuple[int, int]:
-    stmt = (select(jobs.c.key, jobs.c.vector, jobs.c.vector_dim, jobs.c.video_duration_s,
-                   jobs.c.channels_count, jobs.c.processing_audio_time_s)
-            .where(jobs.c.status == Status.DONE.value).order_by(jobs.c.id))
+    stmt = (
+        select(
+            jobs.c.key,
+            jobs.c.vector,
+            jobs.c.vector_dim,
+            jobs.c.video_duration_s,
+            jobs.c.channels_count,
+            jobs.c.processing_audio_time_s,
+        )
+        .where(jobs.c.status == Status.DONE.value)
+        .order_by(jobs.c.id)
+    )
     with atomic_text(out / VECTORS_FILE) as vstream, atomic_text(out / PROCESS_FILE) as pstream:
         vectors, process = JsonObjectWriter(vstream), JsonObjectWriter(pstream)
         for row in _stream(engine, stmt):
             vectors.write_raw(row.key, vector_json(row.vector, row.vector_dim))
-            process.write(row.key, {"processing_audio_time": row.processing_audio_time_s,
-                                    "video_duration": row.video_duration_s,
-                                    "channels_count": row.channels_count})
+            process.write(
+                row.key,
+                {
+                    "processing_audio_time": row.processing_audio_time_s,
+                    "video_duration": row.video_duration_s,
+                    "channels_count": row.channels_count,
+                },
+            )
         done = vectors.count
         merged = 0
         if merge:
@@ -141,15 +161,31 @@ def _write_done(engine: Engine, out: Path, merge: bool) -> tuple[int, int]:
 
 
 def _write_failed(engine: Engine, out: Path, merge: bool) -> tuple[int, int]:
-    stmt = (select(jobs.c.key, jobs.c.url, jobs.c.error, jobs.c.error_class, jobs.c.http_status,
-                   jobs.c.attempts)
-            .where(jobs.c.status == Status.FAILED.value).order_by(jobs.c.id))
+    stmt = (
+        select(
+            jobs.c.key,
+            jobs.c.url,
+            jobs.c.error,
+            jobs.c.error_class,
+            jobs.c.http_status,
+            jobs.c.attempts,
+        )
+        .where(jobs.c.status == Status.FAILED.value)
+        .order_by(jobs.c.id)
+    )
     with atomic_text(out / FAIL_FILE) as stream:
         writer = JsonObjectWriter(stream)
         for row in _stream(engine, stmt):
-            writer.write(row.key, {"url": row.url, "error": row.error,
-                                   "error_class": row.error_class,
-                                   "http_status": row.http_status, "attempts": row.attempts})
+            writer.write(
+                row.key,
+                {
+                    "url": row.url,
+                    "error": row.error,
+                    "error_class": row.error_class,
+                    "http_status": row.http_status,
+                    "attempts": row.attempts,
+                },
+            )
         failed = writer.count
         merged = _merge_old(engine, out / FAIL_FILE, writer) if merge else 0
         writer.close()

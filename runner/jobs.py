@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from sqlalchemy import Connection, Engine, case, func, select, update
+from sqlalchemy import Connection, Engine, Update, case, func, select, update
 
 from runner.errors import JobStateError
 from runner.models import jobs
@@ -71,7 +71,7 @@ class Outcome:
     failure: Failure | None = None
 
 
-def _guarded(conn: Connection, stmt, what: str, job_id: int) -> None:  # type: ignore[no-untyped-def]
+def _guarded(conn: Connection, stmt: Update, what: str, job_id: int) -> None:
     if conn.execute(stmt.returning(jobs.c.id)).first() is None:
         raise JobStateError(f"cannot {what} job {job_id}: it is not in the expected state")
 
@@ -94,15 +94,23 @@ def claim(engine: Engine, *, worker_id: str, now: float, limit: int, lease_s: fl
     stmt = (
         update(jobs)
         .where(jobs.c.id.in_(candidates), jobs.c.status == Status.PENDING.value)
-        .values(status=Status.RUNNING.value, attempts=jobs.c.attempts + 1,
-                worker_id=worker_id, claimed_at=now, lease_expires_at=now + lease_s,
-                error=None, error_class=None, http_status=None)
+        .values(
+            status=Status.RUNNING.value,
+            attempts=jobs.c.attempts + 1,
+            worker_id=worker_id,
+            claimed_at=now,
+            lease_expires_at=now + lease_s,
+            error=None,
+            error_class=None,
+            http_status=None,
+        )
         .returning(jobs.c.id, jobs.c.key, jobs.c.url, jobs.c.attempts)
     )
     with engine.begin() as conn:
         rows = conn.execute(stmt).all()
-    return sorted((Job(id=r.id, key=r.key, url=r.url, attempts=r.attempts) for r in rows),
-                  key=lambda j: j.id)
+    return sorted(
+        (Job(id=r.id, key=r.key, url=r.url, attempts=r.attempts) for r in rows), key=lambda j: j.id
+    )
 
 
 def complete(conn: Connection, job_id: int, result: Result, *, now: float) -> None:
@@ -110,12 +118,20 @@ def complete(conn: Connection, job_id: int, result: Result, *, now: float) -> No
     stmt = (
         update(jobs)
         .where(jobs.c.id == job_id, jobs.c.status == Status.RUNNING.value)
-        .values(status=Status.DONE.value, finished_at=now, lease_expires_at=None,
-                vector=vector.tobytes(), vector_dim=int(vector.shape[0]),
-                video_duration_s=result.video_duration_s,
-                channels_count=result.channels_count,
-                processing_audio_time_s=result.processing_audio_time_s,
-                model_id=result.model_id, error=None, error_class=None, http_status=None)
+        .values(
+            status=Status.DONE.value,
+            finished_at=now,
+            lease_expires_at=None,
+            vector=vector.tobytes(),
+            vector_dim=int(vector.shape[0]),
+            video_duration_s=result.video_duration_s,
+            channels_count=result.channels_count,
+            processing_audio_time_s=result.processing_audio_time_s,
+            model_id=result.model_id,
+            error=None,
+            error_class=None,
+            http_status=None,
+        )
     )
     _guarded(conn, stmt, "complete", job_id)
 
@@ -124,9 +140,14 @@ def fail(conn: Connection, job_id: int, failure: Failure, *, now: float) -> None
     stmt = (
         update(jobs)
         .where(jobs.c.id == job_id, jobs.c.status == Status.RUNNING.value)
-        .values(status=Status.FAILED.value, finished_at=now, lease_expires_at=None,
-                error=failure.message, error_class=failure.error_class,
-                http_status=failure.http_status)
+        .values(
+            status=Status.FAILED.value,
+            finished_at=now,
+            lease_expires_at=None,
+            error=failure.message,
+            error_class=failure.error_class,
+            http_status=failure.http_status,
+        )
     )
     _guarded(conn, stmt, "fail", job_id)
 
@@ -162,8 +183,13 @@ def release(engine: Engine, job_ids: Iterable[int]) -> int:
     stmt = (
         update(jobs)
         .where(jobs.c.id.in_(ids), jobs.c.status == Status.RUNNING.value)
-        .values(status=Status.PENDING.value, attempts=case((jobs.c.attempts > 0, jobs.c.attempts - 1), else_=0),
-                worker_id=None, claimed_at=None, lease_expires_at=None)
+        .values(
+            status=Status.PENDING.value,
+            attempts=case((jobs.c.attempts > 0, jobs.c.attempts - 1), else_=0),
+            worker_id=None,
+            claimed_at=None,
+            lease_expires_at=None,
+        )
         .returning(jobs.c.id)
     )
     with engine.begin() as conn:
@@ -179,8 +205,7 @@ def requeue_running(engine: Engine) -> int:
     stmt = (
         update(jobs)
         .where(jobs.c.status == Status.RUNNING.value)
-        .values(status=Status.PENDING.value, worker_id=None, claimed_at=None,
-                lease_expires_at=None)
+        .values(status=Status.PENDING.value, worker_id=None, claimed_at=None, lease_expires_at=None)
         .returning(jobs.c.id)
     )
     with engine.begin() as conn:
@@ -264,10 +289,14 @@ def upsert_records(conn: Connection, records: Sequence[Record], *, now: float) -
     inserts, updates = [], []
     for record in batch.values():
         params = {
-            "key": record.key, "url": record.url, "now": now, "invalid": record.invalid,
+            "key": record.key,
+            "url": record.url,
+            "now": now,
+            "invalid": record.invalid,
             "meta": _encode_meta(record.meta) if record.meta else None,
             "status": Status.FAILED.value if record.invalid else Status.PENDING.value,
-            "error": record.invalid, "error_class": "invalid" if record.invalid else None,
+            "error": record.invalid,
+            "error_class": "invalid" if record.invalid else None,
             "finished_at": now if record.invalid else None,
         }
         row = existing.get(record.key)

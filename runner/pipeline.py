@@ -87,8 +87,14 @@ class StageFailed(RuntimeError):
 
 
 class Daemon:
-    def __init__(self, engine: Engine, config: DaemonConfig, *, embedder: Embedder | None = None,
-                 worker_id: str | None = None) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        config: DaemonConfig,
+        *,
+        embedder: Embedder | None = None,
+        worker_id: str | None = None,
+    ) -> None:
         self.engine = engine
         self.config = config
         self.embedder = embedder
@@ -99,7 +105,8 @@ class Daemon:
         self._db = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="runner-db")
         self._model = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="runner-embed")
         self._decode = concurrent.futures.ThreadPoolExecutor(
-            config.decoders, thread_name_prefix="runner-decode")
+            config.decoders, thread_name_prefix="runner-decode"
+        )
 
     # --- helpers -----------------------------------------------------------------
 
@@ -115,8 +122,9 @@ class Daemon:
         tracked = self.inflight.get(job_id)
         if tracked is None or tracked.failed:
             return
-        failure = jobs.Failure(message=str(error), error_class=error.error_class,
-                               http_status=error.http_status)
+        failure = jobs.Failure(
+            message=str(error), error_class=error.error_class, http_status=error.http_status
+        )
         self._finish(tracked, jobs.Outcome(job_id=job_id, failure=failure))
 
     # --- stages ------------------------------------------------------------------
@@ -128,8 +136,14 @@ class Daemon:
             free = capacity - len(self.inflight)
             claimed: list[jobs.Job] = []
             if free > 0:
-                claimed = await self._in_db(jobs.claim, self.engine, worker_id=self.worker_id,
-                                            now=time.time(), limit=free, lease_s=cfg.lease_s)
+                claimed = await self._in_db(
+                    jobs.claim,
+                    self.engine,
+                    worker_id=self.worker_id,
+                    now=time.time(),
+                    limit=free,
+                    lease_s=cfg.lease_s,
+                )
             for job in claimed:
                 self.inflight[job.id] = _Tracked(job=job, started=time.monotonic())
                 await self.download_q.put(job)
@@ -163,14 +177,14 @@ class Daemon:
         while True:
             job, path = await self.decode_q.get()
             try:
-                marker = await loop.run_in_executor(self._decode, self._decode_file, job, path,
-                                                    loop)
+                marker = await loop.run_in_executor(
+                    self._decode, self._decode_file, job, path, loop
+                )
             finally:
                 self.workdir.remove(path)
             await self.window_q.put(marker)
 
-    def _decode_file(self, job: jobs.Job, path: Path,
-                     loop: asyncio.AbstractEventLoop) -> _Decoded:
+    def _decode_file(self, job: jobs.Job, path: Path, loop: asyncio.AbstractEventLoop) -> _Decoded:
         """Runs on a decode thread; blocks on the bounded window queue for backpressure."""
         sent = 0
         try:
@@ -211,9 +225,10 @@ class Daemon:
             if not batch:
                 continue
             try:
-                parts = await loop.run_in_executor(self._model, self.embedder.embed,
-                                                   [item.samples for item in batch])
-            except Exception as exc:  # noqa: BLE001 - one bad batch must not stop the daemon
+                parts = await loop.run_in_executor(
+                    self._model, self.embedder.embed, [item.samples for item in batch]
+                )
+            except Exception as exc:
                 log.exception("embedding a batch of %d windows failed", len(batch))
                 for item in batch:
                     self._fail_id(item.job_id, EmbedError(f"embedding failed: {exc}"))
@@ -257,10 +272,13 @@ class Daemon:
         assert self.embedder is not None and tracked.info is not None
         assert tracked.frame_sum is not None and tracked.frames > 0
         vector = (tracked.frame_sum / tracked.frames).astype(np.float32)
-        result = jobs.Result(vector=vector, video_duration_s=tracked.info.duration_s,
-                             channels_count=tracked.info.channels_count,
-                             processing_audio_time_s=time.monotonic() - tracked.started,
-                             model_id=self.embedder.model_id)
+        result = jobs.Result(
+            vector=vector,
+            video_duration_s=tracked.info.duration_s,
+            channels_count=tracked.info.channels_count,
+            processing_audio_time_s=time.monotonic() - tracked.started,
+            model_id=self.embedder.model_id,
+        )
         self._finish(tracked, jobs.Outcome(job_id=tracked.job.id, result=result))
 
     async def _storer(self) -> None:
@@ -289,16 +307,23 @@ class Daemon:
         if self.embedder is None:
             cfg = self.config
             self.embedder = await loop.run_in_executor(
-                self._model, lambda: Embedder(cfg.model_id, device=cfg.device, dtype=cfg.dtype,
-                                              compile_model=cfg.compile_model))
+                self._model,
+                lambda: Embedder(
+                    cfg.model_id,
+                    device=cfg.device,
+                    dtype=cfg.dtype,
+                    compile_model=cfg.compile_model,
+                ),
+            )
         self.min_window_samples = _min_window_samples(self.embedder)
         self.download_q: asyncio.Queue = asyncio.Queue(self.config.downloads)
         self.decode_q: asyncio.Queue = asyncio.Queue(self.config.decoders)
         self.window_q: asyncio.Queue = asyncio.Queue(max(4, self.config.decoders * 2))
         self.store_q: asyncio.Queue = asyncio.Queue()
         with Workdir(self.config.workdir) as self.workdir:
-            async with make_session(self.config.limits, connections=self.config.downloads,
-                                    per_host=self.config.per_host) as self.session:
+            async with make_session(
+                self.config.limits, connections=self.config.downloads, per_host=self.config.per_host
+            ) as self.session:
                 try:
                     await self._supervise()
                 finally:
@@ -306,20 +331,24 @@ class Daemon:
 
     async def _supervise(self) -> None:
         stages: dict[str, Callable[[], Coroutine[Any, Any, None]]] = {
-            "claim": self._claimer, "embed": self._embedder, "store": self._storer,
+            "claim": self._claimer,
+            "embed": self._embedder,
+            "store": self._storer,
             **{f"download-{i}": self._downloader for i in range(self.config.downloads)},
             **{f"decode-{i}": self._decoder for i in range(self.config.decoders)},
         }
         self.tasks = [asyncio.create_task(make(), name=name) for name, make in stages.items()]
         stopper = asyncio.create_task(self.stop.wait(), name="stop")
         done, _ = await asyncio.wait([*self.tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
-        died = [t for t in done if t is not stopper and not t.cancelled()
-                and t.exception() is not None]
+        died = [
+            t for t in done if t is not stopper and not t.cancelled() and t.exception() is not None
+        ]
         stopper.cancel()
         if died:
             task = died[0]
-            raise StageFailed(f"stage {task.get_name()} died: {task.exception()!r}") \
-                from task.exception()
+            raise StageFailed(
+                f"stage {task.get_name()} died: {task.exception()!r}"
+            ) from task.exception()
 
     async def _shutdown(self) -> None:
         """Cancel the stages, keep what is already finished, release the rest."""

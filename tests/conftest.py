@@ -19,22 +19,39 @@ from runner.cli import main
 TINY_HIDDEN = 32
 
 
-def build_tiny_model(path: Path, *, seed: int = 0, hidden_size: int = TINY_HIDDEN,
-                     layers: int = 2, feat_extract_norm: str = "layer") -> Path:
+def build_tiny_model(
+    path: Path,
+    *,
+    seed: int = 0,
+    hidden_size: int = TINY_HIDDEN,
+    layers: int = 2,
+    feat_extract_norm: str = "layer",
+) -> Path:
     """A random-weight Wav2Vec2ForCTC saved like the published checkpoint."""
     import torch
     from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC
 
     torch.manual_seed(seed)
     config = Wav2Vec2Config(
-        hidden_size=hidden_size, num_hidden_layers=layers, num_attention_heads=2,
-        intermediate_size=hidden_size * 2, conv_dim=(16,) * 7, vocab_size=12,
-        feat_extract_norm=feat_extract_norm, do_stable_layer_norm=feat_extract_norm == "layer",
-        num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2)
+        hidden_size=hidden_size,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        intermediate_size=hidden_size * 2,
+        conv_dim=(16,) * 7,
+        vocab_size=12,
+        feat_extract_norm=feat_extract_norm,
+        do_stable_layer_norm=feat_extract_norm == "layer",
+        num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=2,
+    )
     Wav2Vec2ForCTC(config).save_pretrained(path)
     Wav2Vec2FeatureExtractor(
-        feature_size=1, sampling_rate=16_000, padding_value=0.0, do_normalize=True,
-        return_attention_mask=feat_extract_norm == "layer").save_pretrained(path)
+        feature_size=1,
+        sampling_rate=16_000,
+        padding_value=0.0,
+        do_normalize=True,
+        return_attention_mask=feat_extract_norm == "layer",
+    ).save_pretrained(path)
     return path
 
 
@@ -52,25 +69,36 @@ def embedder(tiny_model: Path):  # type: ignore[no-untyped-def]
 
 #: name -> (maker in tests/media.py, its kwargs, content type)
 MEDIA = {
-    "stereo.mp4": ("make_mp4", {"duration_s": 3.0, "freq_hz": 440, "sample_rate_hz": 44100,
-                                    "channels": 2}, "video/mp4"),
-    "mono48k.mp4": ("make_mp4", {"duration_s": 2.0, "freq_hz": 660, "sample_rate_hz": 48000,
-                                     "channels": 1}, "video/mp4"),
-    "surround.mp4": ("make_mp4", {"duration_s": 2.5, "freq_hz": 330, "channels": 6},
-                     "video/mp4"),
-    "song.mp3": ("make_mp3", {"duration_s": 2.0, "freq_hz": 880}, "audio/mpeg"),
+    "stereo.mp4": (
+        "make_mp4",
+        {"duration_s": 3.0, "freq_hz": 440, "sample_rate_hz": 44100, "channels": 2},
+        "video/mp4",
+    ),
+    "mono48k.mp4": (
+        "make_mp4",
+        {"duration_s": 2.0, "freq_hz": 660, "sample_rate_hz": 48000, "channels": 1},
+        "video/mp4",
+    ),
+    "surround.mp4": ("make_mp4", {"duration_s": 2.5, "freq_hz": 330, "channels": 6}, "video/mp4"),
+    "song.mp3": ("make_mp3", {"duration_s": 2.0, "freq_hz": 880, "channels": 1}, "audio/mpeg"),
     "clip.webm": ("make_webm", {"duration_s": 2.0, "freq_hz": 550}, "video/webm"),
-    "voice.m4a": ("make_m4a", {"duration_s": 1.5, "freq_hz": 300}, "audio/mp4"),
+    "voice.m4a": ("make_m4a", {"duration_s": 1.5, "freq_hz": 300, "channels": 1}, "audio/mp4"),
     "voice.opus": ("make_opus", {"duration_s": 1.5, "freq_hz": 750}, "audio/ogg"),
-    "long.mp4": ("make_mp4", {"duration_s": 65.0, "freq_hz": 500, "channels": 2},
-                 "video/mp4"),
+    "long.mp4": ("make_mp4", {"duration_s": 65.0, "freq_hz": 500, "channels": 2}, "video/mp4"),
     "silent-video.mp4": ("make_video_without_audio", {"duration_s": 1.0}, "video/mp4"),
-    "random.bin": ("make_random_bytes", {"n_bytes": 50_000, "seed": 7},
-                   "application/octet-stream"),
+    "random.bin": ("make_random_bytes", {"n_bytes": 50_000, "seed": 7}, "application/octet-stream"),
     "empty.mp4": ("make_empty", {}, "video/mp4"),
 }
-GOOD_MEDIA = ["stereo.mp4", "mono48k.mp4", "surround.mp4", "song.mp3", "clip.webm",
-              "voice.m4a", "voice.opus", "long.mp4"]
+GOOD_MEDIA = [
+    "stereo.mp4",
+    "mono48k.mp4",
+    "surround.mp4",
+    "song.mp3",
+    "clip.webm",
+    "voice.m4a",
+    "voice.opus",
+    "long.mp4",
+]
 
 
 @pytest.fixture(scope="session")

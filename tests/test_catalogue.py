@@ -14,18 +14,23 @@ from tests.conftest import Cli, write_catalogue
 def rows(db_url: str) -> dict[str, tuple]:
     path = db_url.removeprefix("sqlite:///")
     with sqlite3.connect(path) as conn:
-        return {r[0]: r[1:] for r in conn.execute(
-            "SELECT key, url, status, error, meta, attempts FROM jobs")}
+        return {
+            r[0]: r[1:]
+            for r in conn.execute("SELECT key, url, status, error, meta, attempts FROM jobs")
+        }
 
 
 def test_import_object_counts_and_metadata(cli: Cli, db_url: str, tmp_path: Path) -> None:
-    catalogue = write_catalogue(tmp_path / "all_videos.json", {
-        "a": {"url": "http://x/a.mp4", "title": "A", "tags": [1, 2]},
-        "b": {"url": "https://x/b.mp4"},
-        "c": {"title": "no url"},
-        "d": {"url": "ftp://x/d.mp4"},
-        "e": "not an object",
-    })
+    catalogue = write_catalogue(
+        tmp_path / "all_videos.json",
+        {
+            "a": {"url": "http://x/a.mp4", "title": "A", "tags": [1, 2]},
+            "b": {"url": "https://x/b.mp4"},
+            "c": {"title": "no url"},
+            "d": {"url": "ftp://x/d.mp4"},
+            "e": "not an object",
+        },
+    )
     result = cli("import", str(catalogue))
     assert result.stdout.strip() == "inserted 2, updated 0, unchanged 0, invalid 3"
     stored = rows(db_url)
@@ -45,8 +50,12 @@ def test_reimport_is_idempotent_and_updates_urls(cli: Cli, db_url: str, tmp_path
     path = db_url.removeprefix("sqlite:///")
     with sqlite3.connect(path) as conn:  # pretend b finished
         conn.execute("UPDATE jobs SET status='done' WHERE key='b'")
-    second = {"a": {"url": "http://x/a2"}, "b": {"url": "http://x/b2"},
-              "c": {"url": "http://x/c"}, "new": {"url": "http://x/new"}}
+    second = {
+        "a": {"url": "http://x/a2"},
+        "b": {"url": "http://x/b2"},
+        "c": {"url": "http://x/c"},
+        "new": {"url": "http://x/new"},
+    }
     result = cli("import", str(write_catalogue(tmp_path / "2.json", second)))
     assert result.stdout.strip() == "inserted 1, updated 2, unchanged 1, invalid 0"
     stored = rows(db_url)
@@ -58,12 +67,16 @@ def test_reimport_is_idempotent_and_updates_urls(cli: Cli, db_url: str, tmp_path
 
 def test_import_array_with_key_field(cli: Cli, db_url: str, tmp_path: Path) -> None:
     catalogue = tmp_path / "list.json"
-    catalogue.write_text(json.dumps([
-        {"vid": 1, "link": "http://x/1", "n": 1.5},
-        {"vid": "two", "link": "http://x/2"},
-        {"link": "http://x/nokey"},
-        7,
-    ]))
+    catalogue.write_text(
+        json.dumps(
+            [
+                {"vid": 1, "link": "http://x/1", "n": 1.5},
+                {"vid": "two", "link": "http://x/2"},
+                {"link": "http://x/nokey"},
+                7,
+            ]
+        )
+    )
     result = cli("import", str(catalogue), "--key-field", "vid", "--url-field", "link")
     assert result.stdout.strip() == "inserted 2, updated 0, unchanged 0, invalid 2"
     assert "without a usable key" in result.stderr
@@ -72,17 +85,21 @@ def test_import_array_with_key_field(cli: Cli, db_url: str, tmp_path: Path) -> N
     assert stored["two"][1] == "pending"
 
 
-@pytest.mark.parametrize(("content", "expected"), [
-    ('{"a": {"url": "http://x/a"},\n "b": {x}}', "invalid JSON at line 2 column"),
-    ('{"a": {"url": "http://x/a"}', "invalid JSON at line 1"),
-    ("42", "top-level JSON value must be an object"),
-    ('"text"', "top-level JSON value must be an object"),
-    ("", "empty file"),
-    ("\xff\xfe garbage", "top-level JSON value must be"),
-    ('{"a": {"url": "http://x/\xff"}}', "bad.json"),
-])
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        ('{"a": {"url": "http://x/a"},\n "b": {x}}', "invalid JSON at line 2 column"),
+        ('{"a": {"url": "http://x/a"}', "invalid JSON at line 1"),
+        ("42", "top-level JSON value must be an object"),
+        ('"text"', "top-level JSON value must be an object"),
+        ("", "empty file"),
+        ("\xff\xfe garbage", "top-level JSON value must be"),
+        ('{"a": {"url": "http://x/\xff"}}', "bad.json"),
+    ],
+)
 def test_bad_manifest_is_one_line_and_writes_nothing(
-        cli: Cli, db_url: str, tmp_path: Path, content: str, expected: str) -> None:
+    cli: Cli, db_url: str, tmp_path: Path, content: str, expected: str
+) -> None:
     cli("import", str(write_catalogue(tmp_path / "ok.json", {"keep": {"url": "http://x/k"}})))
     bad = tmp_path / "bad.json"
     bad.write_bytes(content.encode("latin-1"))

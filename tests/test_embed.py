@@ -22,12 +22,13 @@ RATE = 16_000
 def tone(freq_hz: float, seconds: float, *, noise: float = 0.0, seed: int = 0) -> np.ndarray:
     t = np.arange(int(seconds * RATE)) / RATE
     rng = np.random.default_rng(seed)
-    return (0.5 * np.sin(2 * np.pi * freq_hz * t) + noise * rng.standard_normal(t.size)) \
-        .astype(np.float32)
+    return (0.5 * np.sin(2 * np.pi * freq_hz * t) + noise * rng.standard_normal(t.size)).astype(
+        np.float32
+    )
 
 
 def windows_of(signal: np.ndarray, window: int) -> list[np.ndarray]:
-    return [signal[i:i + window] for i in range(0, len(signal), window)]
+    return [signal[i : i + window] for i in range(0, len(signal), window)]
 
 
 def test_vector_shape_norm_and_determinism(embedder: Embedder) -> None:
@@ -50,8 +51,11 @@ def test_different_audio_gives_clearly_different_vectors(embedder: Embedder) -> 
 
 def test_batched_equals_one_at_a_time_with_short_tail(embedder: Embedder) -> None:
     window = RATE * 2
-    videos = [tone(300, 5.3, noise=0.1, seed=1), tone(900, 2.0, seed=2),
-              tone(500, 0.7, noise=0.2, seed=3)]
+    videos = [
+        tone(300, 5.3, noise=0.1, seed=1),
+        tone(900, 2.0, seed=2),
+        tone(500, 0.7, noise=0.2, seed=3),
+    ]
     reference = [embed_audio(embedder, windows_of(v, window)) for v in videos]
     items = [WindowItem(i, w) for i, v in enumerate(videos) for w in windows_of(v, window)]
     batcher = WindowBatcher(embedder, batch_seconds=100)
@@ -62,8 +66,7 @@ def test_batched_equals_one_at_a_time_with_short_tail(embedder: Embedder) -> Non
     parts = embedder.embed([item.samples for item in batch])
     for i, expected in enumerate(reference):
         mine = [p for item, p in zip(batch, parts, strict=True) if item.job_id == i]
-        np.testing.assert_allclose(pool(mine, embedder.hidden_size), expected,
-                                   rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(pool(mine, embedder.hidden_size), expected, rtol=1e-4, atol=1e-5)
 
 
 def test_group_norm_models_batch_only_equal_lengths(tmp_path: Path) -> None:
@@ -80,8 +83,9 @@ def test_group_norm_models_batch_only_equal_lengths(tmp_path: Path) -> None:
 def test_inputs_match_the_feature_extractor(embedder: Embedder) -> None:
     windows = [tone(440, 1.0, noise=0.1), tone(200, 0.4, noise=0.3, seed=4)]
     values, mask = embedder._inputs(windows)
-    reference = embedder.features(windows, sampling_rate=RATE, padding=True,
-                                  return_attention_mask=True, return_tensors="np")
+    reference = embedder.features(
+        windows, sampling_rate=RATE, padding=True, return_attention_mask=True, return_tensors="np"
+    )
     np.testing.assert_allclose(values.numpy(), reference["input_values"], rtol=1e-4, atol=1e-5)
     np.testing.assert_array_equal(mask.numpy(), reference["attention_mask"])
 

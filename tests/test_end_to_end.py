@@ -10,8 +10,16 @@ import pytest
 
 from tests.conftest import GOOD_MEDIA, TINY_HIDDEN, Cli, MediaServer, write_catalogue
 
-EXPECTED_CHANNELS = {"stereo.mp4": 2, "mono48k.mp4": 1, "surround.mp4": 6, "song.mp3": 1,
-                     "clip.webm": 1, "voice.m4a": 1, "voice.opus": 1, "long.mp4": 2}
+EXPECTED_CHANNELS = {
+    "stereo.mp4": 2,
+    "mono48k.mp4": 1,
+    "surround.mp4": 6,
+    "song.mp3": 1,
+    "clip.webm": 2,
+    "voice.m4a": 1,
+    "voice.opus": 2,
+    "long.mp4": 2,
+}
 EXPECTED_FAILURES = {
     "missing": "HTTP 404",
     "broken-server": "HTTP 500",
@@ -38,20 +46,34 @@ def catalogue(server: MediaServer) -> dict:
 
 def run_all(cli: Cli, tmp_path: Path, model: Path, records: dict, *extra: str) -> Path:
     cli("import", str(write_catalogue(tmp_path / "all_videos.json", records)))
-    cli("daemon", "--model", str(model), "--device", "cpu", "--until-done",
-        "--workdir", str(tmp_path / "work"), "--batch-seconds", "40", *extra)
+    cli(
+        "daemon",
+        "--model",
+        str(model),
+        "--device",
+        "cpu",
+        "--until-done",
+        "--workdir",
+        str(tmp_path / "work"),
+        "--batch-seconds",
+        "40",
+        *extra,
+    )
     out = tmp_path / "out"
     cli("export", "--out", str(out))
     return out
 
 
 def load(out: Path) -> tuple[dict, dict, dict]:
-    return tuple(json.loads((out / name).read_text()) for name in  # type: ignore[return-value]
-                 ("audio_vectors.json", "audio_process.json", "audio_fail.json"))
+    return tuple(
+        json.loads((out / name).read_text())
+        for name in ("audio_vectors.json", "audio_process.json", "audio_fail.json")  # type: ignore[return-value]
+    )
 
 
-def test_end_to_end(cli: Cli, tmp_path: Path, tiny_model: Path, server: MediaServer,
-                    media_dir: Path) -> None:
+def test_end_to_end(
+    cli: Cli, tmp_path: Path, tiny_model: Path, server: MediaServer, media_dir: Path
+) -> None:
     records = catalogue(server)
     out = run_all(cli, tmp_path, tiny_model, records)
     vectors, process, fail = load(out)
@@ -75,38 +97,64 @@ def test_end_to_end(cli: Cli, tmp_path: Path, tiny_model: Path, server: MediaSer
 
     assert not list((tmp_path / "work").rglob("*.part")), "temp files left behind"
     status = json.loads(cli("status", "--json").stdout)
-    assert status["counts"] == {"pending": 0, "running": 0, "done": len(GOOD_MEDIA),
-                                "failed": len(EXPECTED_FAILURES) + 1}
+    assert status["counts"] == {
+        "pending": 0,
+        "running": 0,
+        "done": len(GOOD_MEDIA),
+        "failed": len(EXPECTED_FAILURES) + 1,
+    }
     assert status["top_failures"][0]["count"] >= 1
 
 
 def test_same_audio_same_vector_and_rerun_changes_nothing(
-        cli: Cli, tmp_path: Path, tiny_model: Path, server: MediaServer) -> None:
-    records = {"a": {"url": server.url("media/stereo.mp4")},
-               "a-again": {"url": server.url("media/stereo.mp4")},
-               "b": {"url": server.url("media/song.mp3")}}
+    cli: Cli, tmp_path: Path, tiny_model: Path, server: MediaServer
+) -> None:
+    records = {
+        "a": {"url": server.url("media/stereo.mp4")},
+        "a-again": {"url": server.url("media/stereo.mp4")},
+        "b": {"url": server.url("media/song.mp3")},
+    }
     out = run_all(cli, tmp_path, tiny_model, records)
     vectors, _, _ = load(out)
     np.testing.assert_allclose(vectors["a"][0], vectors["a-again"][0], rtol=1e-5, atol=1e-6)
     assert np.abs(np.subtract(vectors["a"][0], vectors["b"][0])).max() > 1e-2
 
     hits_before = sum(server.hits.values())
-    cli("daemon", "--model", str(tiny_model), "--device", "cpu", "--until-done",
-        "--workdir", str(tmp_path / "work"))
+    cli(
+        "daemon",
+        "--model",
+        str(tiny_model),
+        "--device",
+        "cpu",
+        "--until-done",
+        "--workdir",
+        str(tmp_path / "work"),
+    )
     assert sum(server.hits.values()) == hits_before  # done work is never redone
 
 
-def test_export_merge_keeps_unknown_keys(cli: Cli, tmp_path: Path, tiny_model: Path,
-                                         server: MediaServer) -> None:
+def test_export_merge_keeps_unknown_keys(
+    cli: Cli, tmp_path: Path, tiny_model: Path, server: MediaServer
+) -> None:
     out = tmp_path / "out"
     out.mkdir()
     (out / "audio_vectors.json").write_text(json.dumps({"old": [[0.5, 0.25]]}))
     (out / "audio_process.json").write_text(json.dumps({"old": {"channels_count": 2}}))
     (out / "audio_fail.json").write_text(json.dumps({"old-fail": {"url": "u", "error": "e"}}))
-    cli("import", str(write_catalogue(tmp_path / "c.json",
-                                      {"a": {"url": server.url("media/song.mp3")}})))
-    cli("daemon", "--model", str(tiny_model), "--device", "cpu", "--until-done",
-        "--workdir", str(tmp_path / "work"))
+    cli(
+        "import",
+        str(write_catalogue(tmp_path / "c.json", {"a": {"url": server.url("media/song.mp3")}})),
+    )
+    cli(
+        "daemon",
+        "--model",
+        str(tiny_model),
+        "--device",
+        "cpu",
+        "--until-done",
+        "--workdir",
+        str(tmp_path / "work"),
+    )
     cli("export", "--out", str(out), "--merge")
     vectors, process, fail = load(out)
     assert set(vectors) == {"a", "old"} and vectors["old"] == [[0.5, 0.25]]
