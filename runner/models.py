@@ -46,5 +46,9 @@ jobs = Table(
     Column("channels_count", Integer, nullable=True),
     Column("processing_audio_time_s", Float, nullable=True),
     Column("model_id", Text, nullable=True),
+    # unix seconds before which a pending job must not be claimed (retry backoff)
+    Column("not_before", Float, nullable=True),
+    Column("note", Text, nullable=True),
     Index("ix_jobs_status_id", "status", "id"),
+    Index("ix_jobs_finished_at", "finished_at"),
 )
