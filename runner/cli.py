@@ -6,10 +6,11 @@ set RUNNER_DEBUG=1 to see the traceback instead.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
+import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +21,8 @@ from runner.errors import RunnerError
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
+
+    from runner.pipeline import DaemonConfig
 
 DEFAULT_DB = "sqlite:///runner.db"
 
@@ -104,22 +107,85 @@ def import_command(ctx: click.Context, file: Path, key_field: str, url_field: st
         )
 
 
+def _size(text: str) -> int:
+    """Bytes from '4GiB', '500MB', '1048576'."""
+    units = {
+        "": 1,
+        "b": 1,
+        "kb": 10**3,
+        "mb": 10**6,
+        "gb": 10**9,
+        "tb": 10**12,
+        "kib": 2**10,
+        "mib": 2**20,
+        "gib": 2**30,
+        "tib": 2**40,
+    }
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(text))
+    if not match or match.group(2).lower() not in units:
+        raise click.BadParameter(f"{text!r} is not a size like 4GiB, 500MB or 1048576")
+    return int(float(match.group(1)) * units[match.group(2).lower()])
+
+
+class Size(click.ParamType):
+    name = "size"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        return value if isinstance(value, int) else _size(value)
+
+
+def _daemon_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Options shared by `daemon` (and later `serve`): model, device and limits."""
+    options = [
+        click.option(
+            "--model",
+            "model_id",
+            default=None,
+            help="Hugging Face model id or local path [default: "
+            "jonatasgrosman/wav2vec2-large-xlsr-53-russian].",
+        ),
+        click.option(
+            "--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."
+        ),
+        click.option(
+            "--dtype",
+            default="auto",
+            show_default=True,
+            help="auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16.",
+        ),
+        click.option("--compile", "compile_model", is_flag=True, help="torch.compile the model."),
+        click.option(
+            "--batch-seconds",
+            type=click.FloatRange(1, 100_000),
+            default=120.0,
+            show_default=True,
+            help="Audio-seconds per model batch.",
+        ),
+        click.option(
+            "--max-bytes",
+            type=Size(),
+            default="4GiB",
+            show_default=True,
+            help="Largest download accepted.",
+        ),
+        click.option(
+            "--connect-timeout-s", type=click.FloatRange(0.1), default=30.0, show_default=True
+        ),
+        click.option(
+            "--read-timeout-s",
+            type=click.FloatRange(0.1),
+            default=60.0,
+            show_default=True,
+            help="Longest silence while reading a response.",
+        ),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 @main.command()
-@click.option(
-    "--model",
-    "model_id",
-    default=None,
-    help="Hugging Face model id or local path [default: "
-    "jonatasgrosman/wav2vec2-large-xlsr-53-russian].",
-)
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option(
-    "--dtype",
-    default="auto",
-    show_default=True,
-    help="auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16.",
-)
-@click.option("--compile", "compile_model", is_flag=True, help="torch.compile the model.")
+@_daemon_options
 @click.option("--until-done", is_flag=True, help="Exit 0 once nothing is pending.")
 @click.option(
     "--workdir",
@@ -130,10 +196,17 @@ def import_command(ctx: click.Context, file: Path, key_field: str, url_field: st
 )
 @click.option(
     "--downloads",
-    type=click.IntRange(1, 256),
+    type=click.IntRange(1, 1024),
     default=8,
     show_default=True,
     help="Transfers at once.",
+)
+@click.option(
+    "--per-host",
+    type=click.IntRange(1, 1024),
+    default=4,
+    show_default=True,
+    help="Transfers at once to one host.",
 )
 @click.option(
     "--decoders",
@@ -142,61 +215,121 @@ def import_command(ctx: click.Context, file: Path, key_field: str, url_field: st
     help="Decode threads [default: cores - 1, at least 1].",
 )
 @click.option(
-    "--batch-seconds",
-    type=click.FloatRange(1, 100_000),
-    default=120.0,
+    "--prefetch-files",
+    type=click.IntRange(1, 4096),
+    default=4,
     show_default=True,
-    help="Audio-seconds per model batch.",
+    help="Downloaded files that may wait for a decoder.",
 )
 @click.option(
-    "--max-bytes",
-    type=click.IntRange(1),
-    default=4 << 30,
+    "--prefetch-bytes",
+    type=Size(),
+    default="2GiB",
     show_default=True,
-    help="Largest download accepted.",
+    help="Bytes of downloaded files that may wait for a decoder.",
 )
-@click.option("--connect-timeout-s", type=click.FloatRange(0.1), default=30.0, show_default=True)
-@click.option("--read-timeout-s", type=click.FloatRange(0.1), default=60.0, show_default=True)
+@click.option(
+    "--max-attempts",
+    type=click.IntRange(1, 1000),
+    default=5,
+    show_default=True,
+    help="Tries per video before it is failed.",
+)
+@click.option(
+    "--retry-base-s",
+    type=click.FloatRange(0),
+    default=30.0,
+    show_default=True,
+    help="First retry delay; doubles per attempt, with jitter.",
+)
+@click.option("--retry-max-s", type=click.FloatRange(0), default=3600.0, show_default=True)
+@click.option(
+    "--lease-s",
+    type=click.FloatRange(1),
+    default=120.0,
+    show_default=True,
+    help="A claim not renewed for this long is given to another daemon.",
+)
+@click.option(
+    "--grace-s",
+    type=click.FloatRange(0),
+    default=30.0,
+    show_default=True,
+    help="On SIGINT/SIGTERM, time for in-flight jobs to finish.",
+)
 @click.pass_context
-def daemon(
-    ctx: click.Context,
-    model_id: str | None,
-    device: str,
-    dtype: str,
-    compile_model: bool,
-    until_done: bool,
-    workdir: Path,
-    downloads: int,
-    decoders: int | None,
-    batch_seconds: float,
-    max_bytes: int,
-    connect_timeout_s: float,
-    read_timeout_s: float,
-) -> None:
+def daemon(ctx: click.Context, **options: Any) -> None:
     """Claim pending jobs and embed them until stopped (or until done)."""
+    from runner.pipeline import run_daemon
+
+    run_daemon(_engine(ctx), _daemon_config(options))
+
+
+def _daemon_config(options: dict[str, Any]) -> DaemonConfig:
     from runner.download import DownloadLimits
     from runner.embed import DEFAULT_MODEL_ID, resolve_device, resolve_dtype
-    from runner.pipeline import DaemonConfig, run_daemon
+    from runner.pipeline import DaemonConfig
+    from runner.retry import RetryPolicy
 
     try:
-        resolve_dtype(dtype, resolve_device(device))
+        resolve_dtype(options["dtype"], resolve_device(options["device"]))
     except ValueError as exc:
         raise RunnerError(str(exc)) from None
-    config = DaemonConfig(
-        model_id=model_id or DEFAULT_MODEL_ID,
-        workdir=workdir,
-        device=device,
-        dtype=dtype,
-        compile_model=compile_model,
-        until_done=until_done,
-        downloads=downloads,
-        batch_seconds=batch_seconds,
-        limits=DownloadLimits(
-            max_bytes=max_bytes, connect_timeout_s=connect_timeout_s, read_timeout_s=read_timeout_s
-        ),
-        **({"decoders": decoders} if decoders else {}),
+    limits = DownloadLimits(
+        max_bytes=options.pop("max_bytes"),
+        connect_timeout_s=options.pop("connect_timeout_s"),
+        read_timeout_s=options.pop("read_timeout_s"),
     )
-    run_daemon(_engine(ctx), config)
+    retry = RetryPolicy(
+        max_attempts=options.pop("max_attempts"),
+        base_delay_s=options.pop("retry_base_s"),
+        max_delay_s=options.pop("retry_max_s"),
+    )
+    if options.get("decoders") is None:
+        options.pop("decoders", None)
+    options["model_id"] = options["model_id"] or DEFAULT_MODEL_ID
+    return DaemonConfig(limits=limits, retry=retry, **options)
+
+
+@main.command()
+@click.argument("keys", nargs=-1)
+@click.option("--failed", "all_failed", is_flag=True, help="Every failed job.")
+@click.option(
+    "--error-class",
+    default=None,
+    help="Failed jobs of this class (download, decode, embed, invalid, lost, ...).",
+)
+@click.pass_context
+def retry(
+    ctx: click.Context, keys: tuple[str, ...], all_failed: bool, error_class: str | None
+) -> None:
+    """Put failed jobs back to pending, with a fresh set of attempts."""
+    from runner.jobs import requeue_failed
+
+    if not (keys or all_failed or error_class):
+        raise RunnerError("nothing selected: give KEYs, --failed or --error-class")
+    count = requeue_failed(_engine(ctx), keys=keys, error_class=error_class, all_failed=all_failed)
+    click.echo(f"requeued {count}")
+
+
+class Timestamp(click.ParamType):
+    """ISO 8601 date or date-time (UTC unless it has an offset), or unix seconds.
+    A bad value is a one-line `runner: error:`, like every other input error."""
+
+    name = "time"
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> float:
+        from runner.export import parse_timestamp
+
+        if isinstance(value, float):
+            return value
+        try:
+            return parse_timestamp(str(value))
+        except RunnerError as exc:
+            name = param.opts[0] if param is not None else "time"
+            raise RunnerError(f"{name}: {exc}") from None
 
 
 @main.command()
@@ -205,19 +338,55 @@ def daemon(
     type=click.Path(path_type=Path),
     default=Path("."),
     show_default=True,
-    help="Directory for the three JSON files.",
+    help="Directory for the files.",
 )
-@click.option("--merge", is_flag=True, help="Keep keys of existing files that the DB lacks.")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["json", "npz"]),
+    default="json",
+    show_default=True,
+    help="json: audio_vectors.json, audio_process.json, audio_fail.json (the old "
+    "script's files).  npz: vectors.npz (keys, vectors float32 N x D), "
+    "process.json, fail.json.",
+)
+@click.option(
+    "--pca",
+    type=int,
+    default=None,
+    metavar="N",
+    help="Also write pca.npz: IncrementalPCA with N components fitted on every "
+    "done vector (keys, vectors N-reduced, components, mean, "
+    "explained_variance_ratio).  The other files keep the full vectors.",
+)
+@click.option(
+    "--only-done-since",
+    "since",
+    type=Timestamp(),
+    default=None,
+    help="Only jobs that finished (done or failed) at or after this time: ISO "
+    "8601 date or date-time (UTC unless an offset is given) or unix seconds.  "
+    "With --pca the fit still uses every done vector.",
+)
+@click.option(
+    "--merge", is_flag=True, help="Keep keys of existing files that the DB lacks (--format json)."
+)
 @click.pass_context
-def export(ctx: click.Context, out: Path, merge: bool) -> None:
-    """Write audio_vectors.json, audio_process.json and audio_fail.json."""
+def export(
+    ctx: click.Context, out: Path, fmt: str, pca: int | None, since: float | None, merge: bool
+) -> None:
+    """Write the done vectors and the failures to files in OUT.
+
+    Every file is streamed from the database and renamed into place when complete.
+    """
     from runner.export import export as run_export
 
-    counts = run_export(_engine(ctx), out, merge=merge)
+    counts = run_export(_engine(ctx), out, merge=merge, fmt=fmt, pca=pca, since=since)
     click.echo(
         f"exported {counts.done} vectors, {counts.failed} failures"
         + (f", kept {counts.merged} entries from earlier files" if merge else "")
-        + f" to {out}"
+        + (f", PCA to {counts.pca} dimensions" if counts.pca else "")
+        + f" to {out}: {', '.join(counts.files)}"
     )
 
 
@@ -230,13 +399,108 @@ def export(ctx: click.Context, out: Path, merge: bool) -> None:
     show_default=True,
     help="How many failure reasons to show.",
 )
+@click.option("--watch", is_flag=True, help="Refresh every --interval seconds until Ctrl-C.")
+@click.option(
+    "--interval",
+    type=click.FloatRange(0.1),
+    default=2.0,
+    show_default=True,
+    help="Seconds between refreshes with --watch.",
+)
+@click.option(
+    "--watch-count",
+    type=click.IntRange(1),
+    default=None,
+    hidden=True,
+    help="Stop --watch after this many reports (implies --watch).",
+)
 @click.pass_context
-def status(ctx: click.Context, as_json: bool, top: int) -> None:
-    """Counts per state and the most common failure reasons."""
-    from runner.status import format_status, read_status
+def status(
+    ctx: click.Context,
+    as_json: bool,
+    top: int,
+    watch: bool,
+    interval: float,
+    watch_count: int | None,
+) -> None:
+    """Counts per state, jobs finished in the last 5 and 60 minutes, the ETA, the
+    oldest running job and the most common failure reasons."""
+    from runner.status import show_status
 
-    report = read_status(_engine(ctx), top=top)
-    click.echo(json.dumps(report, indent=2) if as_json else format_status(report))
+    watching = watch or watch_count is not None
+    show_status(
+        _engine(ctx),
+        as_json=as_json,
+        top=top,
+        echo=click.echo,
+        watch_s=interval if watching else None,
+        count=watch_count,
+        clear=watching and not as_json and sys.stdout.isatty(),
+    )
+
+
+@main.command("import-results")
+@click.argument("directory", type=click.Path(path_type=Path))
+@click.pass_context
+def import_results(ctx: click.Context, directory: Path) -> None:
+    """Adopt the old script's audio_vectors.json, audio_process.json and audio_fail.json
+    from DIRECTORY (any may be missing), so those keys are not computed again.
+
+    Good vectors become done jobs (model 'adopted', with audio_process.json's facts).
+    All-zero vectors (norm < 1e-6, what the old script produced) are not adopted: the
+    key stays or is queued pending with a note, or, unknown to the database and so
+    without a URL, is failed 'no url' until the catalogue is imported.  Failures become
+    failed jobs (error class 'adopted') that `runner retry --failed` can retry, unless
+    this runner already tried the key.  A done job is never overwritten.  One
+    transaction: a broken file imports nothing.
+    """
+    import time
+
+    from runner.adopt import import_results as run_import
+
+    counts = run_import(_engine(ctx), directory, now=time.time())
+    click.echo(
+        f"adopted {counts.adopted}, queued {counts.queued} for recomputation, "
+        f"failed {counts.failed} ({counts.no_url} without a url), "
+        f"skipped {counts.skipped} (done, running or already tried); "
+        f"process facts for {counts.facts}"
+    )
+
+
+@main.command()
+@click.option(
+    "--done-before",
+    "before",
+    type=Timestamp(),
+    required=True,
+    help="Prune done jobs that finished before this time: ISO 8601 date or "
+    "date-time (UTC unless an offset is given) or unix seconds.",
+)
+@click.option(
+    "--keep-results",
+    is_flag=True,
+    help="Keep the rows and their results (vector, process facts), so the keys "
+    "are still exported and never recomputed; drop only the catalogue "
+    "record stored with each (meta).",
+)
+@click.pass_context
+def prune(ctx: click.Context, before: float, keep_results: bool) -> None:
+    """Drop done jobs finished before --done-before, then give the space back (VACUUM).
+
+    Without --keep-results the rows are deleted, vectors and all: export first, and
+    mind that importing a catalogue that still lists those keys queues them again.
+    Failed jobs are never pruned (they are for `runner retry`).
+    """
+    from runner.adopt import format_bytes
+    from runner.adopt import prune as run_prune
+
+    report = run_prune(_engine(ctx), before=before, keep_results=keep_results)
+    click.echo(
+        f"pruned {report.rows} done job(s)"
+        + (" (kept their results)" if keep_results else "")
+        + f"; database {format_bytes(report.bytes_before)} -> "
+        f"{format_bytes(report.bytes_after)}, reclaimed {format_bytes(report.reclaimed)}"
+    )
 
 
 if __name__ == "__main__":

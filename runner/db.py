@@ -23,7 +23,7 @@ from runner.errors import RunnerError
 log = logging.getLogger(__name__)
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
-SQLITE_BUSY_TIMEOUT_MS = 60_000
+SQLITE_BUSY_TIMEOUT_MS = 300_000
 
 
 def alembic_config(engine: Engine | None = None) -> Config:

@@ -9,12 +9,15 @@ worth retrying, permanent ones are not.
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import aiohttp
 
 from runner.errors import DownloadError, TransientDownloadError
+from runner.retry import parse_retry_after
 
 CHUNK_BYTES = 1 << 20
 TRANSIENT_STATUSES = frozenset({408, 425, 429})
@@ -57,8 +60,36 @@ def make_session(
 def _status_error(response: aiohttp.ClientResponse) -> DownloadError:
     message = f"HTTP {response.status} {response.reason or ''}".strip()
     if response.status in TRANSIENT_STATUSES or response.status >= 500:
-        return TransientDownloadError(message, http_status=response.status)
+        retry_after_s = parse_retry_after(response.headers.get("Retry-After"), now=time.time())
+        return TransientDownloadError(
+            message, http_status=response.status, retry_after_s=retry_after_s
+        )
     return DownloadError(message, http_status=response.status)
+
+
+class HostGate:
+    """Hosts that told us to back off (429/503), and until when.
+
+    One URL's 429 is a statement about the whole host: sending its other URLs
+    meanwhile would only earn more 429s and, on some CDNs, a ban.
+    """
+
+    def __init__(self) -> None:
+        self._until: dict[str, float] = {}
+
+    @staticmethod
+    def host_of(url: str) -> str:
+        return (urlsplit(url).hostname or "").lower()
+
+    def blocked_until(self, url: str, *, now: float) -> float | None:
+        until = self._until.get(self.host_of(url))
+        if until is None or until <= now:
+            return None
+        return until
+
+    def back_off(self, url: str, *, until: float) -> None:
+        host = self.host_of(url)
+        self._until[host] = max(until, self._until.get(host, 0.0))
 
 
 def _check_content_type(response: aiohttp.ClientResponse) -> None:
@@ -101,14 +132,14 @@ async def download(
         ) from None
     except aiohttp.TooManyRedirects:
         raise DownloadError("too many redirects") from None
-    except aiohttp.InvalidURL as exc:
+    except aiohttp.RedirectClientError as exc:
+        raise DownloadError(f"redirect to a non-http or invalid url: {exc}") from None
+    except (aiohttp.InvalidURL, aiohttp.NonHttpUrlClientError) as exc:
         raise DownloadError(f"invalid or non-http url: {exc}") from None
     except aiohttp.ClientPayloadError as exc:
         raise TransientDownloadError(f"body cut short: {exc}") from None
     except aiohttp.ClientConnectorError as exc:
         raise TransientDownloadError(f"cannot connect: {exc.os_error or exc}") from None
     except aiohttp.ClientError as exc:
-        if "redirect" in type(exc).__name__.lower():
-            raise DownloadError(f"redirect to a non-http url: {exc}") from None
         raise TransientDownloadError(f"connection error: {type(exc).__name__}: {exc}") from None
     return Downloaded(path=dest, size_bytes=size)

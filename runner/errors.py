@@ -23,9 +23,18 @@ class JobError(Exception):
     #: Transient errors are worth another attempt; permanent ones fail at once.
     transient = False
 
-    def __init__(self, message: str, *, http_status: int | None = None) -> None:
+    def __init__(
+        self, message: str, *, http_status: int | None = None, retry_after_s: float | None = None
+    ) -> None:
         super().__init__(message)
         self.http_status = http_status
+        #: the server asked us to wait this long (Retry-After)
+        self.retry_after_s = retry_after_s
+
+    @property
+    def backs_off_host(self) -> bool:
+        """429 and 503 speak for the whole host, not just this URL."""
+        return self.http_status in (429, 503)
 
 
 class DownloadError(JobError):

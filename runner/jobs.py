@@ -6,8 +6,9 @@ written and `JobStateError` is raised.  Keeping them together makes the state
 machine reviewable in one place::
 
     pending --claim--> running --complete--> done
-       ^                  |  \\--fail------> failed --(import new URL / retry)--> pending
-       +----release-------+
+       ^  ^               |  \\--fail------> failed --(import new URL / retry)--> pending
+       |  +--retry_later--+  (transient error, backoff via not_before)
+       +--release / requeue_abandoned (shutdown; lease expired or worker dead)
 
 Callers pass plain values in and get frozen `Job` records out; no ORM object ever
 crosses an ``await``.
@@ -23,8 +24,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from sqlalchemy import Connection, Engine, Update, case, func, select, update
+from sqlalchemy import Connection, Engine, Text, Update, case, cast, func, literal, select, update
 
+from runner.db import READ_ONLY
 from runner.errors import JobStateError
 from runner.models import jobs
 
@@ -64,11 +66,18 @@ class Failure:
 
 @dataclass(frozen=True)
 class Outcome:
-    """A job's end: exactly one of result / failure is set."""
+    """A job's end, or the end of one attempt.
+
+    `result` set: done.  `failure` set: failed, unless `retry_at` is set too, in
+    which case the job waits in pending until then.  `uncounted` gives the
+    attempt back (the job never really ran, e.g. its host is backing off).
+    """
 
     job_id: int
     result: Result | None = None
     failure: Failure | None = None
+    retry_at: float | None = None
+    uncounted: bool = False
 
 
 def _guarded(conn: Connection, stmt: Update, what: str, job_id: int) -> None:
@@ -76,16 +85,28 @@ def _guarded(conn: Connection, stmt: Update, what: str, job_id: int) -> None:
         raise JobStateError(f"cannot {what} job {job_id}: it is not in the expected state")
 
 
+def _ours(job_id: int, worker_id: str) -> tuple[Any, ...]:
+    """The guard of every change a worker makes to a job it claimed."""
+    return (
+        jobs.c.id == job_id,
+        jobs.c.status == Status.RUNNING.value,
+        jobs.c.worker_id == worker_id,
+    )
+
+
 def claim(engine: Engine, *, worker_id: str, now: float, limit: int, lease_s: float) -> list[Job]:
-    """Move up to `limit` pending jobs to running, oldest first, in one statement.
+    """Move up to `limit` due pending jobs to running, oldest first, in one statement.
 
     Attempts are counted here rather than on failure, so a video that kills the
     process still uses up its tries.  ``FOR UPDATE SKIP LOCKED`` lets PostgreSQL
     daemons claim side by side; SQLite serialises writers and ignores it.
     """
+    due = (jobs.c.status == Status.PENDING.value) & (
+        jobs.c.not_before.is_(None) | (jobs.c.not_before <= now)
+    )
     candidates = (
         select(jobs.c.id)
-        .where(jobs.c.status == Status.PENDING.value)
+        .where(due)
         .order_by(jobs.c.id)
         .limit(limit)
         .with_for_update(skip_locked=True)
@@ -100,9 +121,7 @@ def claim(engine: Engine, *, worker_id: str, now: float, limit: int, lease_s: fl
             worker_id=worker_id,
             claimed_at=now,
             lease_expires_at=now + lease_s,
-            error=None,
-            error_class=None,
-            http_status=None,
+            not_before=None,
         )
         .returning(jobs.c.id, jobs.c.key, jobs.c.url, jobs.c.attempts)
     )
@@ -113,11 +132,11 @@ def claim(engine: Engine, *, worker_id: str, now: float, limit: int, lease_s: fl
     )
 
 
-def complete(conn: Connection, job_id: int, result: Result, *, now: float) -> None:
+def complete(conn: Connection, job_id: int, result: Result, *, worker_id: str, now: float) -> None:
     vector = np.ascontiguousarray(result.vector, dtype="<f4")
     stmt = (
         update(jobs)
-        .where(jobs.c.id == job_id, jobs.c.status == Status.RUNNING.value)
+        .where(*_ours(job_id, worker_id))
         .values(
             status=Status.DONE.value,
             finished_at=now,
@@ -136,10 +155,10 @@ def complete(conn: Connection, job_id: int, result: Result, *, now: float) -> No
     _guarded(conn, stmt, "complete", job_id)
 
 
-def fail(conn: Connection, job_id: int, failure: Failure, *, now: float) -> None:
+def fail(conn: Connection, job_id: int, failure: Failure, *, worker_id: str, now: float) -> None:
     stmt = (
         update(jobs)
-        .where(jobs.c.id == job_id, jobs.c.status == Status.RUNNING.value)
+        .where(*_ours(job_id, worker_id))
         .values(
             status=Status.FAILED.value,
             finished_at=now,
@@ -152,27 +171,84 @@ def fail(conn: Connection, job_id: int, failure: Failure, *, now: float) -> None
     _guarded(conn, stmt, "fail", job_id)
 
 
-def store_outcomes(engine: Engine, outcomes: Sequence[Outcome], *, now: float) -> list[int]:
+def retry_later(
+    conn: Connection,
+    job_id: int,
+    failure: Failure,
+    *,
+    worker_id: str,
+    not_before: float,
+    uncounted: bool = False,
+) -> None:
+    """Back to pending until `not_before`, keeping the error as the last one seen."""
+    attempts = (
+        case((jobs.c.attempts > 0, jobs.c.attempts - 1), else_=0) if uncounted else jobs.c.attempts
+    )
+    stmt = (
+        update(jobs)
+        .where(*_ours(job_id, worker_id))
+        .values(
+            status=Status.PENDING.value,
+            not_before=not_before,
+            attempts=attempts,
+            worker_id=None,
+            lease_expires_at=None,
+            error=failure.message,
+            error_class=failure.error_class,
+            http_status=failure.http_status,
+        )
+    )
+    _guarded(conn, stmt, "reschedule", job_id)
+
+
+def store_outcomes(
+    engine: Engine, outcomes: Sequence[Outcome], *, worker_id: str, now: float
+) -> list[int]:
     """Write many job ends in one transaction (one commit, not one per job).
 
-    Returns the ids whose guarded update matched nothing (the job was taken away,
-    e.g. released by shutdown); the others are stored regardless.
+    Returns the ids whose guarded update matched nothing (the job was no longer
+    ours: its lease ran out and it was reclaimed); the others are stored.
     """
     lost: list[int] = []
     with engine.begin() as conn:
         for outcome in outcomes:
             try:
-                if outcome.result is not None:
-                    complete(conn, outcome.job_id, outcome.result, now=now)
-                else:
-                    assert outcome.failure is not None
-                    fail(conn, outcome.job_id, outcome.failure, now=now)
+                _store_one(conn, outcome, worker_id=worker_id, now=now)
             except JobStateError:
                 lost.append(outcome.job_id)
     return lost
 
 
-def release(engine: Engine, job_ids: Iterable[int]) -> int:
+def _store_one(conn: Connection, outcome: Outcome, *, worker_id: str, now: float) -> None:
+    if outcome.result is not None:
+        complete(conn, outcome.job_id, outcome.result, worker_id=worker_id, now=now)
+        return
+    assert outcome.failure is not None
+    if outcome.retry_at is None:
+        fail(conn, outcome.job_id, outcome.failure, worker_id=worker_id, now=now)
+    else:
+        retry_later(
+            conn,
+            outcome.job_id,
+            outcome.failure,
+            worker_id=worker_id,
+            not_before=outcome.retry_at,
+            uncounted=outcome.uncounted,
+        )
+
+
+def renew_leases(engine: Engine, *, worker_id: str, now: float, lease_s: float) -> int:
+    """Heartbeat: a job is never reclaimed while the worker holding it is alive."""
+    stmt = (
+        update(jobs)
+        .where(jobs.c.status == Status.RUNNING.value, jobs.c.worker_id == worker_id)
+        .values(lease_expires_at=now + lease_s)
+    )
+    with engine.begin() as conn:
+        return conn.execute(stmt).rowcount
+
+
+def release(engine: Engine, job_ids: Iterable[int], *, worker_id: str) -> int:
     """Give running jobs back to the queue (clean shutdown).
 
     The interrupted attempt was our doing, not the video's, so it is not counted.
@@ -182,7 +258,9 @@ def release(engine: Engine, job_ids: Iterable[int]) -> int:
         return 0
     stmt = (
         update(jobs)
-        .where(jobs.c.id.in_(ids), jobs.c.status == Status.RUNNING.value)
+        .where(
+            jobs.c.id.in_(ids), jobs.c.status == Status.RUNNING.value, jobs.c.worker_id == worker_id
+        )
         .values(
             status=Status.PENDING.value,
             attempts=case((jobs.c.attempts > 0, jobs.c.attempts - 1), else_=0),
@@ -196,20 +274,78 @@ def release(engine: Engine, job_ids: Iterable[int]) -> int:
         return len(conn.execute(stmt).all())
 
 
-def requeue_running(engine: Engine) -> int:
-    """Return every running job to pending: what a daemon that died left behind.
+def requeue_abandoned(
+    engine: Engine, *, now: float, max_attempts: int, dead_workers: Sequence[str] = ()
+) -> tuple[int, int]:
+    """Reaper: running jobs whose lease expired, or whose worker is known dead.
 
-    Only correct while one daemon owns the database; the attempt stays counted, so
-    a video that crashes the daemon every time runs out of tries.
+    They go back to pending, or to failed once they have used `max_attempts`
+    (a video that kills its worker every time must not do so forever).  The
+    attempt stays counted.  Returns (requeued, failed).
     """
-    stmt = (
+    abandoned = (jobs.c.status == Status.RUNNING.value) & (
+        (jobs.c.lease_expires_at < now) | jobs.c.worker_id.in_(list(dead_workers))
+    )
+    gave_up = (
         update(jobs)
-        .where(jobs.c.status == Status.RUNNING.value)
+        .where(abandoned, jobs.c.attempts >= max_attempts)
+        .values(
+            status=Status.FAILED.value,
+            finished_at=now,
+            lease_expires_at=None,
+            error_class=func.coalesce(jobs.c.error_class, "lost"),
+            error=literal("gave up after ")
+            + cast(jobs.c.attempts, Text)
+            + literal(" attempts; the worker stopped (killed or crashed) during the last")
+            + func.coalesce(literal("; previous error: ") + jobs.c.error, literal("")),
+        )
+    )
+    requeue = (
+        update(jobs)
+        .where(abandoned, jobs.c.attempts < max_attempts)
         .values(status=Status.PENDING.value, worker_id=None, claimed_at=None, lease_expires_at=None)
-        .returning(jobs.c.id)
     )
     with engine.begin() as conn:
-        return len(conn.execute(stmt).all())
+        failed = conn.execute(gave_up).rowcount
+        requeued = conn.execute(requeue).rowcount
+    return requeued, failed
+
+
+def running_workers(engine: Engine) -> list[str]:
+    with _reading(engine) as conn:
+        stmt = select(jobs.c.worker_id).where(jobs.c.status == Status.RUNNING.value).distinct()
+        return [w for w in conn.execute(stmt).scalars() if w]
+
+
+def requeue_failed(
+    engine: Engine,
+    *,
+    keys: Sequence[str] = (),
+    error_class: str | None = None,
+    all_failed: bool = False,
+) -> int:
+    """`runner retry`: failed jobs back to pending with a fresh set of attempts."""
+    conditions = [jobs.c.status == Status.FAILED.value]
+    if keys:
+        conditions.append(jobs.c.key.in_(list(keys)))
+    if error_class:
+        conditions.append(jobs.c.error_class == error_class)
+    if not (keys or error_class or all_failed):
+        return 0
+    conditions.append(jobs.c.url.is_not(None))  # nothing to fetch: retrying cannot help
+    stmt = (
+        update(jobs)
+        .where(*conditions)
+        .values(
+            status=Status.PENDING.value,
+            attempts=0,
+            not_before=None,
+            finished_at=None,
+            worker_id=None,
+        )
+    )
+    with engine.begin() as conn:
+        return conn.execute(stmt).rowcount
 
 
 # --- catalogue import -----------------------------------------------------------
@@ -254,7 +390,8 @@ _UPDATE_URL = (
     "               WHEN status = 'failed' THEN 'pending' ELSE status END,"
     " attempts = CASE WHEN status = 'failed' THEN 0 ELSE attempts END,"
     " error = :error, error_class = :error_class, http_status = NULL,"
-    " finished_at = CASE WHEN :invalid IS NOT NULL THEN :now ELSE finished_at END"
+    " finished_at = CASE WHEN :invalid IS NOT NULL THEN :now ELSE finished_at END,"
+    " not_before = NULL"
     " WHERE key = :key AND status IN ('pending', 'failed')"
 )
 
@@ -325,7 +462,333 @@ def upsert_records(conn: Connection, records: Sequence[Record], *, now: float) -
 # --- read-side helpers that the state machine owns --------------------------------
 
 
+def _reading(engine: Engine) -> Connection:
+    """A connection that begins a deferred (read) transaction on SQLite."""
+    return engine.connect().execution_options(**{READ_ONLY: True})
+
+
+def count_pending(engine: Engine) -> int:
+    with _reading(engine) as conn:
+        stmt = select(func.count()).where(jobs.c.status == Status.PENDING.value)
+        return int(conn.execute(stmt).scalar_one())
+
+
 def count_by_status(conn: Connection) -> dict[Status, int]:
     rows = conn.execute(select(jobs.c.status, func.count()).group_by(jobs.c.status)).all()
     found = {Status(status): n for status, n in rows}
     return {s: found.get(s, 0) for s in Status}
+
+
+# --- adopting old results and pruning ---
+#
+# `runner import-results` takes in what the old script computed so those keys are
+# not computed again; `runner prune` drops what a long-running database no longer
+# needs.  The rules every statement below carries in its WHERE clause: a job done in
+# the database is never overwritten, and a running job belongs to its worker.
+# (sqlalchemy names these need are imported in the functions, so this section never
+# has to touch the module's import block.)
+
+#: model_id of adopted vectors and error_class of adopted failures
+ADOPTED = "adopted"
+
+
+@dataclass(frozen=True)
+class OldFailure:
+    """An entry of the old script's audio_fail.json."""
+
+    key: str
+    url: str | None
+    error: str
+    http_status: int | None = None
+
+
+@dataclass(frozen=True)
+class OldFacts:
+    """An entry of the old script's audio_process.json."""
+
+    key: str
+    processing_audio_time_s: float | None
+    video_duration_s: float | None
+    channels_count: int | None
+
+
+@dataclass
+class AdoptCounts:
+    adopted: int = 0  # now done with an old vector
+    queued: int = 0  # old vector useless: pending, to be computed by the daemon
+    failed: int = 0  # failed: an old failure, or a useless vector with nothing to fetch
+    no_url: int = 0  # of `failed`: useless vector and no URL to compute it from
+    skipped: int = 0  # left alone: done, running, or already tried by this runner
+    facts: int = 0  # audio_process.json entries stored on adopted jobs
+
+    def add(self, other: AdoptCounts) -> None:
+        for name, value in vars(other).items():
+            setattr(self, name, getattr(self, name) + value)
+
+
+def _states(conn: Connection, keys: Iterable[str]) -> dict[str, tuple[str, int, bool]]:
+    """key -> (status, attempts, whether an error is recorded) for the keys it knows."""
+    from sqlalchemy import bindparam
+
+    stmt = select(jobs.c.key, jobs.c.status, jobs.c.attempts, jobs.c.error.is_not(None)).where(
+        jobs.c.key.in_(bindparam("keys", expanding=True))
+    )
+    return {r[0]: (r[1], r[2], bool(r[3])) for r in conn.execute(stmt, {"keys": list(keys)})}
+
+
+def _insert_new(conn: Connection, rows: list[dict[str, Any]]) -> None:
+    """Rows for keys the database lacks; should one appear meanwhile (a concurrent
+    import on PostgreSQL), the existing row wins."""
+    from sqlalchemy.dialects import postgresql, sqlite
+
+    if rows:
+        dialect: Any = postgresql if conn.dialect.name == "postgresql" else sqlite
+        conn.execute(dialect.insert(jobs).on_conflict_do_nothing(index_elements=["key"]), rows)
+
+
+def adopt_vectors(
+    conn: Connection,
+    vectors: Sequence[tuple[str, np.ndarray]],
+    *,
+    now: float,
+    finished_at: float,
+    note: str,
+) -> AdoptCounts:
+    """Old vectors that carry information: their jobs become done with them.
+
+    Pending and failed jobs take the vector (a result beats another try); done and
+    running jobs are skipped.  `finished_at` is when the old script produced it
+    (its file's mtime), so rates and `--only-done-since` do not count it as new.
+    """
+    from sqlalchemy import bindparam
+
+    done = Status.DONE.value
+    stmt = (
+        update(jobs)
+        .where(
+            jobs.c.key == bindparam("b_key"),  # IN (...) would not executemany
+            (jobs.c.status == Status.PENDING.value) | (jobs.c.status == Status.FAILED.value),
+        )
+        .values(
+            status=done,
+            vector=bindparam("b_vector"),
+            vector_dim=bindparam("b_dim"),
+            model_id=ADOPTED,
+            finished_at=finished_at,
+            note=note,
+            error=None,
+            error_class=None,
+            http_status=None,
+            not_before=None,
+            worker_id=None,
+            claimed_at=None,
+            lease_expires_at=None,
+        )
+    )
+    batch = dict(vectors)
+    states = _states(conn, batch)
+    counts = AdoptCounts()
+    updates, inserts = [], []
+    for key, vector in batch.items():
+        blob = np.ascontiguousarray(vector, dtype="<f4")
+        state = states.get(key)
+        if state is None:
+            inserts.append(
+                {
+                    "key": key,
+                    "url": None,
+                    "status": done,
+                    "attempts": 0,
+                    "created_at": now,
+                    "finished_at": finished_at,
+                    "vector": blob.tobytes(),
+                    "vector_dim": int(blob.shape[0]),
+                    "model_id": ADOPTED,
+                    "note": note,
+                }
+            )
+        elif state[0] in (Status.PENDING.value, Status.FAILED.value):
+            updates.append({"b_key": key, "b_vector": blob.tobytes(), "b_dim": int(blob.shape[0])})
+        else:
+            counts.skipped += 1
+            continue
+        counts.adopted += 1
+    if updates:
+        conn.execute(stmt, updates)
+    _insert_new(conn, inserts)
+    return counts
+
+
+def queue_recompute(
+    conn: Connection, notes: Sequence[tuple[str, str]], *, now: float
+) -> AdoptCounts:
+    """Old vectors without information (all zeros): the key must be computed here.
+
+    A pending job stays pending with the note.  A failed one stays failed with
+    the note (`runner retry` decides).  A key the database lacks has no URL to
+    compute it from, so it is stored failed 'no url' (error class 'invalid', as
+    the catalogue import does): importing the catalogue later gives it its URL and
+    puts it back to pending.  Done and running jobs are left alone.
+    """
+    from sqlalchemy import bindparam
+
+    batch = dict(notes)
+    states = _states(conn, batch)
+    counts = AdoptCounts()
+    noted: dict[str, list[dict[str, Any]]] = {Status.PENDING.value: [], Status.FAILED.value: []}
+    inserts = []
+    for key, note in batch.items():
+        state = states.get(key)
+        if state is None:
+            inserts.append(
+                {
+                    "key": key,
+                    "url": None,
+                    "status": Status.FAILED.value,
+                    "attempts": 0,
+                    "created_at": now,
+                    "finished_at": now,
+                    "error": "no url",
+                    "error_class": "invalid",
+                    "note": note,
+                }
+            )
+            counts.failed += 1
+            counts.no_url += 1
+        elif state[0] in noted:
+            noted[state[0]].append({"b_key": key, "b_note": note})
+            if state[0] == Status.PENDING.value:
+                counts.queued += 1
+            else:
+                counts.failed += 1
+        else:
+            counts.skipped += 1
+    for status, params in noted.items():
+        if params:
+            conn.execute(
+                update(jobs)
+                .where(jobs.c.key == bindparam("b_key"), jobs.c.status == status)
+                .values(note=bindparam("b_note")),
+                params,
+            )
+    _insert_new(conn, inserts)
+    return counts
+
+
+def adopt_failures(
+    conn: Connection, failures: Sequence[OldFailure], *, now: float, finished_at: float, note: str
+) -> AdoptCounts:
+    """The old script's failures become failed jobs (error class 'adopted') that
+    `runner retry --failed` can put back.
+
+    Only keys this runner has not tried yet take the old verdict: a new key, or a
+    pending job with no attempts and no error.  A job this runner already worked on
+    (or that `runner retry` put back) keeps its own outcome; done and running jobs
+    are never touched.
+    """
+    from sqlalchemy import bindparam
+
+    stmt = (
+        update(jobs)
+        .where(
+            jobs.c.key == bindparam("b_key"),
+            jobs.c.status == Status.PENDING.value,
+            jobs.c.attempts == 0,
+            jobs.c.error.is_(None),
+        )
+        .values(
+            status=Status.FAILED.value,
+            error=bindparam("b_error"),
+            error_class=ADOPTED,
+            http_status=bindparam("b_http_status"),
+            finished_at=finished_at,
+            note=note,
+            not_before=None,
+        )
+    )
+    batch = {f.key: f for f in failures}
+    states = _states(conn, batch)
+    counts = AdoptCounts()
+    updates, inserts = [], []
+    for key, failure in batch.items():
+        state = states.get(key)
+        if state is None:
+            inserts.append(
+                {
+                    "key": key,
+                    "url": failure.url,
+                    "status": Status.FAILED.value,
+                    "attempts": 0,
+                    "created_at": now,
+                    "finished_at": finished_at,
+                    "error": failure.error,
+                    "error_class": ADOPTED,
+                    "http_status": failure.http_status,
+                    "note": note,
+                }
+            )
+        elif state == (Status.PENDING.value, 0, False):
+            updates.append(
+                {"b_key": key, "b_error": failure.error, "b_http_status": failure.http_status}
+            )
+        else:
+            counts.skipped += 1
+            continue
+        counts.failed += 1
+    if updates:
+        conn.execute(stmt, updates)
+    _insert_new(conn, inserts)
+    return counts
+
+
+def adopt_facts(conn: Connection, facts: Sequence[OldFacts]) -> int:
+    """audio_process.json's facts, stored on jobs adopted with a vector that have
+    none yet; a job the daemon computed keeps its own facts."""
+    from sqlalchemy import bindparam
+
+    if not facts:
+        return 0
+    stmt = (
+        update(jobs)
+        .where(
+            jobs.c.key == bindparam("b_key"),
+            jobs.c.status == Status.DONE.value,
+            jobs.c.model_id == ADOPTED,
+            jobs.c.processing_audio_time_s.is_(None),
+            jobs.c.video_duration_s.is_(None),
+            jobs.c.channels_count.is_(None),
+        )
+        .values(
+            processing_audio_time_s=bindparam("b_time"),
+            video_duration_s=bindparam("b_duration"),
+            channels_count=bindparam("b_channels"),
+        )
+    )
+    params = [
+        {
+            "b_key": f.key,
+            "b_time": f.processing_audio_time_s,
+            "b_duration": f.video_duration_s,
+            "b_channels": f.channels_count,
+        }
+        for f in {f.key: f for f in facts}.values()
+    ]
+    return int(conn.execute(stmt, params).rowcount)
+
+
+def prune_done(engine: Engine, *, before: float, keep_results: bool) -> int:
+    """`runner prune`: done jobs finished before `before`.
+
+    Without `keep_results` the rows are deleted (vector and all).  With it the
+    row and its results stay, so the key is never recomputed and still exported,
+    and only the catalogue's copy of the record (meta) is dropped.  Failed jobs
+    are never pruned: they are still to be retried or looked at.
+    """
+    finished = (jobs.c.status == Status.DONE.value, jobs.c.finished_at < before)
+    stmt: Any = (
+        update(jobs).where(*finished, jobs.c.meta.is_not(None)).values(meta=None)
+        if keep_results
+        else jobs.delete().where(*finished)
+    )
+    with engine.begin() as conn:
+        return int(conn.execute(stmt).rowcount)

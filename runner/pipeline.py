@@ -9,7 +9,8 @@ thread owns the model and embeds batches of windows gathered from many videos.
 
 Every claimed job is tracked in `inflight` until its outcome is stored; on any
 stop, whatever is still in flight is released back to pending, so nothing claimed
-is ever lost.
+is ever lost.  If any stage dies, all stop: a pipeline with a hole in it would
+only strand jobs.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -28,16 +30,22 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from sqlalchemy import Engine
 
-from runner import jobs
+from runner import jobs, maintenance
 from runner.decode import AudioStream, MediaInfo
-from runner.download import DownloadLimits, download, make_session
+from runner.download import DownloadLimits, HostGate, download, make_session
 from runner.embed import WINDOW_SAMPLES, Embedder, WindowBatcher, WindowEmbedding, WindowItem
-from runner.errors import DecodeError, EmbedError, JobError
+from runner.errors import DecodeError, DownloadError, EmbedError, JobError
+from runner.retry import RetryPolicy
 from runner.workdir import Workdir
 
 log = logging.getLogger(__name__)
+
+
+def _default_decoders() -> int:
+    return max(1, (os.cpu_count() or 2) - 1)
 
 
 @dataclass(frozen=True)
@@ -50,11 +58,18 @@ class DaemonConfig:
     until_done: bool = False
     downloads: int = 8
     per_host: int = 4
-    decoders: int = max(1, (os.cpu_count() or 2) - 1)
+    decoders: int = field(default_factory=_default_decoders)
     batch_seconds: float = 120.0
     limits: DownloadLimits = field(default_factory=DownloadLimits)
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    #: downloaded-but-undecoded files waiting on disk: at most this many / bytes
+    prefetch_files: int = 4
+    prefetch_bytes: int = 2 << 30
     poll_s: float = 2.0
-    lease_s: float = 3600.0
+    lease_s: float = 120.0
+    reap_every_s: float = 30.0
+    #: on the first SIGINT/SIGTERM, how long in-flight jobs may take to finish
+    grace_s: float = 30.0
     store_batch: int = 64
 
 
@@ -69,7 +84,7 @@ class _Tracked:
     windows_done: int = 0
     windows_sent: int | None = None  # known once decoding ended
     info: MediaInfo | None = None
-    failed: bool = False
+    ended: bool = False  # its outcome is queued for storing
 
 
 @dataclass(frozen=True)
@@ -86,6 +101,28 @@ class StageFailed(RuntimeError):
     """A stage task died; the daemon stops rather than run with a hole in the pipe."""
 
 
+class ByteBudget:
+    """Bytes of downloaded files waiting for a decoder; downloads wait when full.
+
+    A single file larger than the whole budget still goes through, alone.
+    """
+
+    def __init__(self, limit_bytes: int) -> None:
+        self.limit_bytes = limit_bytes
+        self.used_bytes = 0
+        self._changed = asyncio.Event()
+
+    async def acquire(self, n_bytes: int) -> None:
+        while self.used_bytes and self.used_bytes + n_bytes > self.limit_bytes:
+            self._changed.clear()
+            await self._changed.wait()
+        self.used_bytes += n_bytes
+
+    def release(self, n_bytes: int) -> None:
+        self.used_bytes -= n_bytes
+        self._changed.set()
+
+
 class Daemon:
     def __init__(
         self,
@@ -98,9 +135,12 @@ class Daemon:
         self.engine = engine
         self.config = config
         self.embedder = embedder
-        self.worker_id = worker_id or f"{os.uname().nodename}:{os.getpid()}"
+        self.worker_id = worker_id or maintenance.new_worker_id()
         self.stop = asyncio.Event()
+        self.draining = False
         self.inflight: dict[int, _Tracked] = {}
+        self.hosts = HostGate()
+        self.tasks: list[asyncio.Task] = []
         self._halt = threading.Event()  # tells decode threads to give up
         self._db = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="runner-db")
         self._model = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="runner-embed")
@@ -108,80 +148,137 @@ class Daemon:
             config.decoders, thread_name_prefix="runner-decode"
         )
 
-    # --- helpers -----------------------------------------------------------------
+    # --- outcomes ----------------------------------------------------------------
 
     async def _in_db(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._db, lambda: fn(*args, **kwargs))
 
     def _finish(self, tracked: _Tracked, outcome: jobs.Outcome) -> None:
-        tracked.failed = tracked.failed or outcome.failure is not None
+        tracked.ended = True
         self.store_q.put_nowait(outcome)
 
-    def _fail_id(self, job_id: int, error: JobError) -> None:
+    def _job_error(self, job_id: int, error: JobError) -> None:
+        """Retry a transient error later, fail a permanent one (or the last try)."""
         tracked = self.inflight.get(job_id)
-        if tracked is None or tracked.failed:
+        if tracked is None or tracked.ended:
             return
+        policy, attempts = self.config.retry, tracked.job.attempts
         failure = jobs.Failure(
             message=str(error), error_class=error.error_class, http_status=error.http_status
         )
-        self._finish(tracked, jobs.Outcome(job_id=job_id, failure=failure))
+        if error.transient and not policy.gives_up(attempts):
+            delay_s = policy.delay_s(attempts, retry_after_s=error.retry_after_s)
+            if error.backs_off_host:
+                self.hosts.back_off(tracked.job.url, until=time.time() + delay_s)
+            log.info(
+                "job %s: %s; retry %d/%d in %.0f s",
+                tracked.job.key,
+                error,
+                attempts + 1,
+                policy.max_attempts,
+                delay_s,
+            )
+            outcome = jobs.Outcome(job_id, failure=failure, retry_at=time.time() + delay_s)
+        else:
+            if error.transient:
+                failure = dataclasses.replace(
+                    failure, message=f"gave up after {attempts} attempts: {error}"
+                )
+            outcome = jobs.Outcome(job_id, failure=failure)
+        self._finish(tracked, outcome)
+
+    def _defer(self, tracked: _Tracked, until: float) -> None:
+        """Its host is backing off: back to pending, the attempt given back."""
+        failure = jobs.Failure(
+            message="host is backing off after HTTP 429/503", error_class=DownloadError.error_class
+        )
+        self._finish(
+            tracked, jobs.Outcome(tracked.job.id, failure=failure, retry_at=until, uncounted=True)
+        )
 
     # --- stages ------------------------------------------------------------------
 
     async def _claimer(self) -> None:
         cfg = self.config
-        capacity = cfg.downloads * 2 + cfg.decoders * 2
+        capacity = cfg.downloads + cfg.prefetch_files + cfg.decoders * 2
         while not self.stop.is_set():
-            free = capacity - len(self.inflight)
-            claimed: list[jobs.Job] = []
-            if free > 0:
-                claimed = await self._in_db(
-                    jobs.claim,
-                    self.engine,
-                    worker_id=self.worker_id,
-                    now=time.time(),
-                    limit=free,
-                    lease_s=cfg.lease_s,
-                )
-            for job in claimed:
-                self.inflight[job.id] = _Tracked(job=job, started=time.monotonic())
-                await self.download_q.put(job)
-            if claimed:
+            if not self.draining and await self._claim(capacity):
                 continue
-            if cfg.until_done and not self.inflight:
-                log.info("nothing pending and nothing in flight: done")
+            if not self.inflight and await self._drained():
                 self.stop.set()
                 return
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stop.wait(), 0.2 if self.inflight else cfg.poll_s)
 
+    async def _drained(self) -> bool:
+        """Nothing in flight: done if draining, or if --until-done and nothing is
+        pending, not even a job waiting out its retry backoff."""
+        if self.draining:
+            log.info("in-flight jobs finished: stopping")
+            return True
+        if not self.config.until_done:
+            return False
+        if await self._in_db(jobs.count_pending, self.engine):
+            return False
+        log.info("nothing pending and nothing in flight: done")
+        return True
+
+    async def _claim(self, capacity: int) -> bool:
+        free = capacity - len(self.inflight)
+        if free <= 0:
+            return False
+        claimed = await self._in_db(
+            jobs.claim,
+            self.engine,
+            worker_id=self.worker_id,
+            now=time.time(),
+            limit=free,
+            lease_s=self.config.lease_s,
+        )
+        for job in claimed:
+            self.inflight[job.id] = _Tracked(job=job, started=time.monotonic())
+            await self.download_q.put(job)
+        return bool(claimed)
+
     async def _downloader(self) -> None:
         while True:
             job = await self.download_q.get()
-            self.inflight[job.id].started = time.monotonic()
-            dest = self.workdir.temp_path(job.id)
-            try:
-                await download(self.session, job.url, dest, self.config.limits)
-            except JobError as exc:
-                self.workdir.remove(dest)
-                self._fail_id(job.id, exc)
+            tracked = self.inflight.get(job.id)
+            if tracked is None:
                 continue
-            except BaseException:
-                self.workdir.remove(dest)
-                raise
-            await self.decode_q.put((job, dest))
+            until = self.hosts.blocked_until(job.url, now=time.time())
+            if until is not None:
+                self._defer(tracked, until)
+                continue
+            tracked.started = time.monotonic()
+            await self._download(job)
+
+    async def _download(self, job: jobs.Job) -> None:
+        dest = self.workdir.temp_path(job.id)
+        try:
+            got = await download(self.session, job.url, dest, self.config.limits)
+        except JobError as exc:
+            self.workdir.remove(dest)
+            self._job_error(job.id, exc)
+            return
+        except BaseException:
+            self.workdir.remove(dest)
+            raise
+        await self.prefetch.acquire(got.size_bytes)
+        await self.decode_q.put((job, dest, got.size_bytes))
 
     async def _decoder(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            job, path = await self.decode_q.get()
+            job, path, size_bytes = await self.decode_q.get()
             try:
                 marker = await loop.run_in_executor(
                     self._decode, self._decode_file, job, path, loop
                 )
             finally:
                 self.workdir.remove(path)
+                self.prefetch.release(size_bytes)
             await self.window_q.put(marker)
 
     def _decode_file(self, job: jobs.Job, path: Path, loop: asyncio.AbstractEventLoop) -> _Decoded:
@@ -228,17 +325,33 @@ class Daemon:
                 parts = await loop.run_in_executor(
                     self._model, self.embedder.embed, [item.samples for item in batch]
                 )
-            except Exception as exc:
+            except Exception as exc:  # one bad batch must not stop the daemon
                 log.exception("embedding a batch of %d windows failed", len(batch))
                 for item in batch:
-                    self._fail_id(item.job_id, EmbedError(f"embedding failed: {exc}"))
+                    self._job_error(item.job_id, EmbedError(f"embedding failed: {exc}"))
                 continue
             for item, part in zip(batch, parts, strict=True):
                 self._add_part(item.job_id, part)
 
+    def _accept(self, item: object, batcher: WindowBatcher) -> None:
+        if isinstance(item, WindowItem):
+            tracked = self.inflight.get(item.job_id)
+            if tracked is not None and not tracked.ended:
+                batcher.add(item)
+            return
+        assert isinstance(item, _Decoded)
+        tracked = self.inflight.get(item.job_id)
+        if tracked is None:
+            return
+        if item.error is not None:
+            self._job_error(item.job_id, item.error)
+            return
+        tracked.windows_sent, tracked.info = item.windows, item.info
+        self._maybe_complete(tracked)
+
     def _add_part(self, job_id: int, part: WindowEmbedding) -> None:
         tracked = self.inflight.get(job_id)
-        if tracked is None or tracked.failed:
+        if tracked is None or tracked.ended:
             return
         if tracked.frame_sum is None:
             tracked.frame_sum = part.frame_sum.copy()
@@ -248,32 +361,15 @@ class Daemon:
         tracked.windows_done += 1
         self._maybe_complete(tracked)
 
-    def _accept(self, item: object, batcher: WindowBatcher) -> None:
-        if isinstance(item, WindowItem):
-            tracked = self.inflight.get(item.job_id)
-            if tracked is not None and not tracked.failed:
-                batcher.add(item)
-            return
-        assert isinstance(item, _Decoded)
-        tracked = self.inflight.get(item.job_id)
-        if tracked is None:
-            return
-        if item.error is not None:
-            self._fail_id(item.job_id, item.error)
-            return
-        tracked.windows_sent, tracked.info = item.windows, item.info
-        self._maybe_complete(tracked)
-
     def _maybe_complete(self, tracked: _Tracked) -> None:
-        if tracked.failed or tracked.windows_sent is None:
+        if tracked.ended or tracked.windows_sent is None:
             return
         if tracked.windows_done < tracked.windows_sent:
             return
         assert self.embedder is not None and tracked.info is not None
         assert tracked.frame_sum is not None and tracked.frames > 0
-        vector = (tracked.frame_sum / tracked.frames).astype(np.float32)
         result = jobs.Result(
-            vector=vector,
+            vector=(tracked.frame_sum / tracked.frames).astype(np.float32),
             video_duration_s=tracked.info.duration_s,
             channels_count=tracked.info.channels_count,
             processing_audio_time_s=time.monotonic() - tracked.started,
@@ -289,21 +385,58 @@ class Daemon:
             await self._store(batch)
 
     async def _store(self, batch: list[jobs.Outcome]) -> None:
-        lost = await self._in_db(jobs.store_outcomes, self.engine, batch, now=time.time())
+        lost = await self._in_db(
+            jobs.store_outcomes, self.engine, batch, worker_id=self.worker_id, now=time.time()
+        )
         for outcome in batch:
             self.inflight.pop(outcome.job_id, None)
         for job_id in lost:
             log.warning("job %s was no longer ours when its outcome was stored", job_id)
-        log.debug("stored %d outcomes", len(batch))
+
+    # --- maintenance -------------------------------------------------------------
+
+    async def _heartbeat(self) -> None:
+        await self._in_db(
+            maintenance.heartbeat,
+            self.engine,
+            worker_id=self.worker_id,
+            now=time.time(),
+            lease_s=self.config.lease_s,
+        )
+
+    async def _reap(self) -> None:
+        await self._in_db(
+            maintenance.reap,
+            self.engine,
+            now=time.time(),
+            max_attempts=self.config.retry.max_attempts,
+        )
+
+    def _scheduler(self, loop: asyncio.AbstractEventLoop) -> AsyncIOScheduler:
+        scheduler = AsyncIOScheduler(event_loop=loop)
+        common = {"trigger": "interval", "max_instances": 1, "coalesce": True}
+        scheduler.add_job(
+            self._heartbeat,
+            id="heartbeat",
+            name="renew leases",
+            seconds=max(0.5, self.config.lease_s / 4),
+            **common,
+        )
+        scheduler.add_job(
+            self._reap,
+            id="reaper",
+            name="requeue abandoned jobs",
+            seconds=max(0.5, self.config.reap_every_s),
+            **common,
+        )
+        return scheduler
 
     # --- lifecycle ---------------------------------------------------------------
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         self._install_signals(loop)
-        requeued = await self._in_db(jobs.requeue_running, self.engine)
-        if requeued:
-            log.info("returned %d jobs left running by a previous daemon to pending", requeued)
+        await self._reap()
         if self.embedder is None:
             cfg = self.config
             self.embedder = await loop.run_in_executor(
@@ -317,16 +450,20 @@ class Daemon:
             )
         self.min_window_samples = _min_window_samples(self.embedder)
         self.download_q: asyncio.Queue = asyncio.Queue(self.config.downloads)
-        self.decode_q: asyncio.Queue = asyncio.Queue(self.config.decoders)
+        self.decode_q: asyncio.Queue = asyncio.Queue(self.config.prefetch_files)
         self.window_q: asyncio.Queue = asyncio.Queue(max(4, self.config.decoders * 2))
         self.store_q: asyncio.Queue = asyncio.Queue()
+        self.prefetch = ByteBudget(self.config.prefetch_bytes)
+        scheduler = self._scheduler(loop)
         with Workdir(self.config.workdir) as self.workdir:
             async with make_session(
                 self.config.limits, connections=self.config.downloads, per_host=self.config.per_host
             ) as self.session:
+                scheduler.start()
                 try:
                     await self._supervise()
                 finally:
+                    scheduler.shutdown(wait=False)
                     await asyncio.shield(self._shutdown())
 
     async def _supervise(self) -> None:
@@ -340,10 +477,10 @@ class Daemon:
         self.tasks = [asyncio.create_task(make(), name=name) for name, make in stages.items()]
         stopper = asyncio.create_task(self.stop.wait(), name="stop")
         done, _ = await asyncio.wait([*self.tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
+        stopper.cancel()
         died = [
             t for t in done if t is not stopper and not t.cancelled() and t.exception() is not None
         ]
-        stopper.cancel()
         if died:
             task = died[0]
             raise StageFailed(
@@ -353,10 +490,9 @@ class Daemon:
     async def _shutdown(self) -> None:
         """Cancel the stages, keep what is already finished, release the rest."""
         self._halt.set()
-        tasks = getattr(self, "tasks", [])
-        for task in tasks:
+        for task in self.tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*self.tasks, return_exceptions=True)
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, self._decode.shutdown)
         await loop.run_in_executor(None, self._model.shutdown)
@@ -365,20 +501,34 @@ class Daemon:
             finished.append(self.store_q.get_nowait())
         if finished:
             await self._store(finished)
-        released = await self._in_db(jobs.release, self.engine, list(self.inflight))
+        released = await self._in_db(
+            jobs.release, self.engine, list(self.inflight), worker_id=self.worker_id
+        )
         if released:
-            log.info("released %d in-flight jobs back to pending", released)
+            log.info("released %d in-flight job(s) back to pending", released)
         self.inflight.clear()
         self._db.shutdown()
 
     def _install_signals(self, loop: asyncio.AbstractEventLoop) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.add_signal_handler(sig, self._on_signal, sig)
+                loop.add_signal_handler(sig, self._on_signal, sig, loop)
 
-    def _on_signal(self, sig: signal.Signals) -> None:
-        log.info("received %s: stopping", sig.name)
-        self.stop.set()
+    def _on_signal(self, sig: signal.Signals, loop: asyncio.AbstractEventLoop) -> None:
+        """First signal: stop claiming, let in-flight jobs finish within the grace
+        period.  Second signal (or no grace): release everything now."""
+        if self.draining or self.config.grace_s <= 0:
+            log.info("received %s: releasing in-flight jobs now", sig.name)
+            self.stop.set()
+            return
+        log.info(
+            "received %s: finishing %d in-flight job(s) within %g s; signal again to stop at once",
+            sig.name,
+            len(self.inflight),
+            self.config.grace_s,
+        )
+        self.draining = True
+        loop.call_later(self.config.grace_s, self.stop.set)
 
 
 def _min_window_samples(embedder: Embedder) -> int:

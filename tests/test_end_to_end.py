@@ -57,6 +57,10 @@ def run_all(cli: Cli, tmp_path: Path, model: Path, records: dict, *extra: str) -
         str(tmp_path / "work"),
         "--batch-seconds",
         "40",
+        "--retry-base-s",
+        "0.05",
+        "--max-attempts",
+        "2",
         *extra,
     )
     out = tmp_path / "out"

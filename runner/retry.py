@@ -1,0 +1,52 @@
+"""When to try a failed video again, in one value object.
+
+Transient errors (timeouts, dropped connections, 429/5xx) get exponential backoff
+with jitter, so a thousand jobs that failed together do not come back together;
+a server's ``Retry-After`` is a floor, never shortened.  Attempts are counted at
+claim time, so `max_attempts` also bounds a video that kills the daemon.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    max_attempts: int = 5
+    base_delay_s: float = 30.0
+    max_delay_s: float = 3600.0
+    #: each delay is scaled by a random factor in [1 - jitter, 1 + jitter]
+    jitter: float = 0.25
+
+    def gives_up(self, attempts: int) -> bool:
+        return attempts >= self.max_attempts
+
+    def delay_s(
+        self, attempts: int, *, retry_after_s: float | None = None, rng: random.Random | None = None
+    ) -> float:
+        """Delay after the `attempts`-th attempt failed transiently."""
+        exponential = min(self.max_delay_s, self.base_delay_s * 2 ** max(0, attempts - 1))
+        scale = 1 + self.jitter * (2 * (rng or random).random() - 1)
+        delay = exponential * scale
+        if retry_after_s is not None:
+            delay = max(delay, min(retry_after_s, self.max_delay_s))
+        return delay
+
+
+def parse_retry_after(value: str | None, *, now: float) -> float | None:
+    """Seconds to wait from a Retry-After header (delta-seconds or HTTP date)."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        moment = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if moment is None:
+        return None
+    return max(0.0, moment.timestamp() - now)
