@@ -36,10 +36,11 @@ from benchmarks.bench_throughput import (
     write_catalogue,
 )
 from benchmarks.media_server import running_server
+from runner.embed import default_batch_seconds, resolve_device
 from tests import media
 
 SHORT_S = 10.0
-#: Two full batches at the default 120 audio-s: the peak a batch sets is reached here.
+#: Long enough for several full batches (up to 120 audio-s): a batch's peak is reached here.
 MIDDLE_S = 240.0
 TARGET_EXTRA_BYTES = 300 * 10**6
 
@@ -134,10 +135,15 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--model", default="tiny", help="tiny, large or a model path")
     parser.add_argument("--hours", type=float, default=2.0)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--batch-seconds", type=float, default=120.0)
+    parser.add_argument(
+        "--batch-seconds", type=float, default=None, help="[default: the daemon's for --device]"
+    )
     parser.add_argument("--skip-whole-track", action="store_true")
     parser.add_argument("--whole-track", type=Path, help=argparse.SUPPRESS)
-    return parser.parse_args()
+    args = parser.parse_args()
+    if args.batch_seconds is None:
+        args.batch_seconds = default_batch_seconds(resolve_device(args.device))
+    return args
 
 
 def main() -> None:

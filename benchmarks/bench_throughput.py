@@ -50,7 +50,14 @@ import torch
 
 from benchmarks.media_server import running_server
 from runner.decode import SAMPLE_RATE_HZ, decode_all, ffmpeg_command
-from runner.embed import WINDOW_SAMPLES, Embedder, WindowBatcher, WindowItem
+from runner.embed import (
+    WINDOW_SAMPLES,
+    Embedder,
+    WindowBatcher,
+    WindowItem,
+    default_batch_seconds,
+    resolve_device,
+)
 from tests import media
 
 HERE = Path(__file__).resolve().parent
@@ -560,7 +567,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--latency-ms", type=float, default=100.0)
     parser.add_argument("--bandwidth-mbs", type=float, default=20.0)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--batch-seconds", type=float, default=120.0)
+    parser.add_argument(
+        "--batch-seconds", type=float, default=None, help="[default: the daemon's for --device]"
+    )
     parser.add_argument("--skip-old", action="store_true")
     parser.add_argument(
         "--model-sample-s",
@@ -586,6 +595,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.videos = DEFAULT_VIDEOS.get(args.model, 4)
     if args.model_sample_s is None:
         args.model_sample_s = DEFAULT_MODEL_SAMPLE_S.get(args.model, 120.0)
+    if args.batch_seconds is None:
+        args.batch_seconds = default_batch_seconds(resolve_device(args.device))
     if args.videos < 2:
         parser.error("--videos must be at least 2: one run is the start-up measurement")
     return args

@@ -73,7 +73,7 @@ def main(ctx: click.Context, db: str, verbose: bool) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    for noisy in ("alembic", "httpx", "urllib3", "filelock", "aiohttp.access"):
+    for noisy in ("alembic", "apscheduler", "httpx", "urllib3", "filelock", "aiohttp.access"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     ctx.obj = {"db": db}
 
@@ -157,9 +157,8 @@ def _daemon_options(command: Callable[..., Any]) -> Callable[..., Any]:
         click.option(
             "--batch-seconds",
             type=click.FloatRange(1, 100_000),
-            default=120.0,
-            show_default=True,
-            help="Audio-seconds per model batch.",
+            default=None,
+            help="Audio-seconds per model batch [default: 30 on CPU, 480 on CUDA].",
         ),
         click.option(
             "--max-bytes",
@@ -257,9 +256,24 @@ def _daemon_options(command: Callable[..., Any]) -> Callable[..., Any]:
     show_default=True,
     help="On SIGINT/SIGTERM, time for in-flight jobs to finish.",
 )
+@click.option(
+    "--progress/--no-progress",
+    "progress_bar",
+    default=None,
+    help="Live progress bar [default: on when stderr is a terminal].",
+)
+@click.option(
+    "--log-every-s",
+    type=click.FloatRange(0.1),
+    default=60.0,
+    show_default=True,
+    help="Without a progress bar, log a progress line this often.",
+)
 @click.pass_context
 def daemon(ctx: click.Context, **options: Any) -> None:
     """Claim pending jobs and embed them until stopped (or until done)."""
+    if options["progress_bar"] is None:
+        options["progress_bar"] = sys.stderr.isatty()
     from runner.pipeline import run_daemon
 
     run_daemon(_engine(ctx), _daemon_config(options))

@@ -22,6 +22,7 @@ import dataclasses
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Coroutine
@@ -36,8 +37,16 @@ from sqlalchemy import Engine
 from runner import jobs, maintenance
 from runner.decode import AudioStream, MediaInfo
 from runner.download import DownloadLimits, HostGate, download, make_session
-from runner.embed import WINDOW_SAMPLES, Embedder, WindowBatcher, WindowEmbedding, WindowItem
+from runner.embed import (
+    WINDOW_SAMPLES,
+    Embedder,
+    WindowBatcher,
+    WindowEmbedding,
+    WindowItem,
+    default_batch_seconds,
+)
 from runner.errors import DecodeError, DownloadError, EmbedError, JobError
+from runner.progress import Progress, read_counts
 from runner.retry import RetryPolicy
 from runner.workdir import Workdir
 
@@ -59,7 +68,8 @@ class DaemonConfig:
     downloads: int = 8
     per_host: int = 4
     decoders: int = field(default_factory=_default_decoders)
-    batch_seconds: float = 120.0
+    #: audio-seconds per model batch; None: the device's default (see embed.py)
+    batch_seconds: float | None = None
     limits: DownloadLimits = field(default_factory=DownloadLimits)
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     #: downloaded-but-undecoded files waiting on disk: at most this many / bytes
@@ -71,6 +81,10 @@ class DaemonConfig:
     #: on the first SIGINT/SIGTERM, how long in-flight jobs may take to finish
     grace_s: float = 30.0
     store_batch: int = 64
+    #: without a terminal, one progress line in the log this often
+    log_every_s: float = 60.0
+    #: a live tqdm bar on stderr instead of log lines (the CLI turns it on for a tty)
+    progress_bar: bool = False
 
 
 @dataclass
@@ -146,6 +160,9 @@ class Daemon:
         self._model = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="runner-embed")
         self._decode = concurrent.futures.ThreadPoolExecutor(
             config.decoders, thread_name_prefix="runner-decode"
+        )
+        self.progress = Progress(
+            started=time.time(), bar_file=sys.stderr if config.progress_bar else None
         )
 
     # --- outcomes ----------------------------------------------------------------
@@ -312,7 +329,8 @@ class Daemon:
     async def _embedder(self) -> None:
         loop = asyncio.get_running_loop()
         assert self.embedder is not None
-        batcher = WindowBatcher(self.embedder, self.config.batch_seconds)
+        batch_s = self.config.batch_seconds or default_batch_seconds(self.embedder.device)
+        batcher = WindowBatcher(self.embedder, batch_s)
         while True:
             if not batcher.pending:
                 self._accept(await self.window_q.get(), batcher)
@@ -390,6 +408,7 @@ class Daemon:
         )
         for outcome in batch:
             self.inflight.pop(outcome.job_id, None)
+        self.progress.record(batch, now=time.time())
         for job_id in lost:
             log.warning("job %s was no longer ours when its outcome was stored", job_id)
 
@@ -429,7 +448,18 @@ class Daemon:
             seconds=max(0.5, self.config.reap_every_s),
             **common,
         )
+        scheduler.add_job(
+            self._report_progress,
+            id="progress",
+            name="show progress",
+            seconds=1.0 if self.progress.has_bar else max(0.1, self.config.log_every_s),
+            **common,
+        )
         return scheduler
+
+    async def _report_progress(self) -> None:
+        counts = await self._in_db(read_counts, self.engine)
+        self.progress.show(counts, now=time.time())
 
     # --- lifecycle ---------------------------------------------------------------
 
@@ -507,6 +537,8 @@ class Daemon:
         if released:
             log.info("released %d in-flight job(s) back to pending", released)
         self.inflight.clear()
+        await self._report_progress()
+        self.progress.close()
         self._db.shutdown()
 
     def _install_signals(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -544,4 +576,14 @@ def _min_window_samples(embedder: Embedder) -> int:
 
 
 def run_daemon(engine: Engine, config: DaemonConfig) -> None:
-    asyncio.run(Daemon(engine, config).run())
+    with _logs_around_bar(config.progress_bar):
+        asyncio.run(Daemon(engine, config).run())
+
+
+def _logs_around_bar(bar: bool) -> contextlib.AbstractContextManager[Any]:
+    """Log lines printed over a live bar would tear it; tqdm writes them above it."""
+    if not bar:
+        return contextlib.nullcontext()
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    return logging_redirect_tqdm()

@@ -1,0 +1,100 @@
+"""The daemon's live progress: sliding-window rates, the line, the bar and the log."""
+
+from __future__ import annotations
+
+import io
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from runner.jobs import Failure, Outcome, Result, Status
+from runner.progress import Progress, SlidingRate, finished_by, progress_line
+from tests.conftest import Cli, MediaServer, write_catalogue
+
+COUNTS = {Status.PENDING: 30, Status.RUNNING: 4, Status.DONE: 10, Status.FAILED: 2}
+
+
+def done(job_id: int, duration_s: float) -> Outcome:
+    result = Result(np.zeros(4, np.float32), duration_s, 2, 0.1, "m")
+    return Outcome(job_id, result=result)
+
+
+def test_rate_is_over_the_window_and_shorter_while_young() -> None:
+    rate = SlidingRate(started=1000.0, window_s=60.0)
+    rate.add(1010.0, 2, 100.0)
+    assert rate.per_s(1020.0) == pytest.approx((2 / 20, 100 / 20))
+    rate.add(1050.0, 1, 30.0)
+    # at t=1100 the first event (t=1010) has left the 60 s window
+    assert rate.per_s(1100.0) == pytest.approx((1 / 60, 30 / 60))
+    assert rate.per_s(1200.0) == (0.0, 0.0)
+
+
+def test_retries_do_not_count_as_finished() -> None:
+    failure = Failure("HTTP 503", "download", 503)
+    outcomes = [
+        done(1, 12.5),
+        Outcome(2, failure=failure),
+        Outcome(3, failure=failure, retry_at=5.0),
+    ]
+    assert finished_by(outcomes) == (2, 12.5)
+
+
+def test_line_has_counts_rates_and_eta() -> None:
+    line = progress_line(COUNTS, videos_per_s=0.5, audio_s_per_s=9.0)
+    assert line == (
+        "pending 30, running 4, done 10, failed 2 | 0.50 videos/s, 9.0 audio-h/h | eta 1m 08s"
+    )
+    assert progress_line(COUNTS, 0.0, 0.0).endswith("eta unknown")
+    assert progress_line({Status.DONE: 3}, 0.0, 0.0).endswith("eta nothing left")
+
+
+def test_bar_shows_finished_out_of_total() -> None:
+    out = io.StringIO()
+    progress = Progress(started=0.0, window_s=100.0, bar_file=out)
+    progress.record([done(1, 60.0), done(2, 40.0)], now=10.0)
+    line = progress.show(COUNTS, now=20.0)
+    progress.close()
+    assert "0.10 videos/s, 5.0 audio-h/h" in line
+    text = out.getvalue()
+    assert "12/46" in text
+    assert "pending 30, running 4, done 10, failed 2" in text
+
+
+def test_without_a_bar_it_logs(caplog: pytest.LogCaptureFixture) -> None:
+    progress = Progress(started=0.0)
+    with caplog.at_level(logging.INFO, logger="runner.progress"):
+        progress.show(COUNTS, now=1.0)
+    assert caplog.messages == ["progress: " + progress_line(COUNTS, 0.0, 0.0)]
+
+
+def test_daemon_logs_progress_periodically(
+    cli: Cli,
+    tmp_path: Path,
+    tiny_model: Path,
+    server: MediaServer,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    records = {f"v{i}": {"url": server.url("media/stereo.mp4")} for i in range(3)}
+    records["gone"] = {"url": server.url("status/404")}
+    cli("import", str(write_catalogue(tmp_path / "all.json", records)))
+    with caplog.at_level(logging.INFO, logger="runner.progress"):
+        cli(
+            "daemon",
+            "--model",
+            str(tiny_model),
+            "--device",
+            "cpu",
+            "--until-done",
+            "--no-progress",
+            "--log-every-s",
+            "0.1",
+            "--workdir",
+            str(tmp_path / "work"),
+        )
+    lines = [m for m in caplog.messages if m.startswith("progress: ")]
+    assert lines, "no progress line was logged"
+    # the last line is written at shutdown, with the final counts
+    assert lines[-1].startswith("progress: pending 0, running 0, done 3, failed 1 |")
+    assert lines[-1].endswith("eta nothing left")
