@@ -2,11 +2,14 @@
 
 Every command calls `connect`, which upgrades the database to the newest Alembic
 revision before anything else touches it, so users never run migrations by hand.
+SQLite (one machine) gets WAL, a busy timeout and write locks taken at BEGIN;
+PostgreSQL (many daemons on many machines, README "Scaling out") a small pool.
 """
 
 from __future__ import annotations
 
 import logging
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +17,8 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Connection, Engine, create_engine, event
-from sqlalchemy.engine import make_url
+from sqlalchemy import Connection, Engine, create_engine, event, text
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
 
 from runner.errors import RunnerError
@@ -26,11 +29,9 @@ MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 SQLITE_BUSY_TIMEOUT_MS = 300_000
 
 
-def alembic_config(engine: Engine | None = None) -> Config:
+def alembic_config() -> Config:
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
-    if engine is not None:
-        cfg.attributes["engine"] = engine
     return cfg
 
 
@@ -76,11 +77,42 @@ def make_engine(url: str) -> Engine:
             event.listen(engine, "connect", _sqlite_pragmas)
             event.listen(engine, "begin", _sqlite_begin)
         else:
-            engine = create_engine(parsed, pool_pre_ping=True)
+            engine = _server_engine(parsed)
     except NoSuchModuleError as exc:
         raise RunnerError(f"unsupported --db URL {url!r}: {exc}") from None
     except ModuleNotFoundError as exc:
         raise RunnerError(f"--db {parsed.drivername}: driver not installed ({exc.name})") from None
+    return engine
+
+
+#: Connections one process keeps open to a database server.  A daemon does all its
+#: database work on one thread, so it holds one; the rest serve readers beside it
+#: (the HTTP API).  README "Scaling out" sizes the server's max_connections from these.
+POOL_SIZE = 2
+POOL_OVERFLOW = 3
+CONNECT_TIMEOUT_S = 10
+
+
+def _server_engine(parsed: URL) -> Engine:
+    """PostgreSQL (or another server): a small pool whose connections are checked
+    before use, since a daemon outlives server restarts and idle-connection timeouts."""
+    connect_args: dict[str, Any] = {}
+    if parsed.get_backend_name() == "postgresql":
+        if parsed.drivername == "postgresql":  # SQLAlchemy would pick psycopg2
+            parsed = parsed.set(drivername="postgresql+psycopg")
+        if "connect_timeout" not in parsed.query:
+            connect_args["connect_timeout"] = CONNECT_TIMEOUT_S
+    engine = create_engine(
+        parsed,
+        pool_size=POOL_SIZE,
+        max_overflow=POOL_OVERFLOW,
+        pool_pre_ping=True,
+        pool_recycle=3600,
+        connect_args=connect_args,
+    )
+    # An engine dropped without dispose() would leave its pooled connections to the
+    # garbage collector (a ResourceWarning each); close them when the engine goes.
+    weakref.finalize(engine, engine.pool.dispose)
     return engine
 
 
@@ -95,22 +127,51 @@ def current_revision(engine: Engine) -> str | None:
         return MigrationContext.configure(conn).get_current_revision()
 
 
-def migrate(engine: Engine) -> None:
-    """Upgrade to head; refuse a database written by a newer runner."""
-    script = ScriptDirectory.from_config(alembic_config())
-    try:
-        current = current_revision(engine)
-    except OperationalError as exc:
-        raise RunnerError(f"cannot open database: {exc.orig}") from None
-    if current == script.get_current_head():
-        return
+#: pg_advisory_xact_lock key that serialises migrations ("runner" in ASCII)
+MIGRATION_LOCK_ID = 0x72756E6E6572
+
+
+def _lock_for_migration(conn: Connection) -> None:
+    """Daemons started together on a fresh database must not all create the tables.
+
+    SQLite's engine already took the write lock at BEGIN; PostgreSQL takes an
+    advisory lock, held until the transaction ends.
+    """
+    if conn.dialect.name == "postgresql":
+        conn.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": MIGRATION_LOCK_ID})
+
+
+def _refuse_newer(script: ScriptDirectory, current: str | None) -> None:
     if current is not None and current not in {rev.revision for rev in script.walk_revisions()}:
         raise RunnerError(
             f"database schema revision {current!r} is newer than this runner knows "
             f"(head {script.get_current_head()!r}); upgrade runner to use this database"
         )
-    log.info("migrating database from %s to %s", current, script.get_current_head())
-    command.upgrade(alembic_config(engine), "head")
+
+
+def migrate(engine: Engine) -> None:
+    """Upgrade to head in one locked transaction; refuse a database written by a
+    newer runner.  An up-to-date database is only read, so no lock is taken."""
+    script = ScriptDirectory.from_config(alembic_config())
+    head = script.get_current_head()
+    try:
+        with engine.connect() as conn:
+            current = MigrationContext.configure(conn).get_current_revision()
+            conn.rollback()
+            if current == head:
+                return
+            with conn.begin():
+                _lock_for_migration(conn)
+                current = MigrationContext.configure(conn).get_current_revision()
+                if current == head:  # another process migrated while we waited
+                    return
+                _refuse_newer(script, current)
+                log.info("migrating database from %s to %s", current, head)
+                cfg = alembic_config()
+                cfg.attributes["connection"] = conn
+                command.upgrade(cfg, "head")
+    except OperationalError as exc:
+        raise RunnerError(f"cannot open database: {exc.orig}") from None
 
 
 def connect(url: str) -> Engine:

@@ -204,3 +204,6 @@ def cli(db_url: str) -> Cli:
 def write_catalogue(path: Path, records: dict) -> Path:
     path.write_text(json.dumps(records), encoding="utf-8")
     return path
+
+
+from tests.postgres import any_db_url, pg_url, postgres_server  # noqa: E402, F401

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,27 +11,39 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import text
 
-from runner.db import connect, head_revision, make_engine
+from runner.db import connect, current_revision, head_revision, make_engine
 from runner.errors import RunnerError
 from runner.models import metadata
 
 
-def test_upgrade_head_on_empty_db_matches_models(tmp_path: Path) -> None:
-    engine = connect(f"sqlite:///{tmp_path / 'm.db'}")
+def test_upgrade_head_on_empty_db_matches_models(any_db_url: str) -> None:
+    engine = connect(any_db_url)
     with engine.connect() as conn:
         diff = compare_metadata(MigrationContext.configure(conn), metadata)
         assert diff == []
         assert MigrationContext.configure(conn).get_current_revision() == head_revision()
 
 
-def test_connect_is_idempotent(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'm.db'}"
-    connect(url)
-    connect(url)
+def test_connect_is_idempotent(any_db_url: str) -> None:
+    connect(any_db_url)
+    connect(any_db_url)
 
 
-def test_newer_database_is_refused_with_a_clear_error(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'm.db'}"
+def test_daemons_starting_together_migrate_once(any_db_url: str) -> None:
+    """Several processes opening a fresh database at once: one creates the schema,
+    the others wait for it and find it done (no 'table already exists')."""
+    code = "import sys; from runner.db import connect; connect(sys.argv[1])"
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code, any_db_url], stderr=subprocess.PIPE)
+        for _ in range(4)
+    ]
+    errors = [proc.communicate(timeout=120)[1].decode() for proc in procs]
+    assert [proc.returncode for proc in procs] == [0] * 4, errors
+    assert current_revision(make_engine(any_db_url)) == head_revision()
+
+
+def test_newer_database_is_refused_with_a_clear_error(any_db_url: str) -> None:
+    url = any_db_url
     engine = connect(url)
     with engine.begin() as conn:
         conn.execute(text("UPDATE alembic_version SET version_num = '9999_future'"))
