@@ -32,8 +32,11 @@ class CatalogueFormat:
     url_field: str = "url"
 
 
-#: The common case, checked without urlsplit's cost: scheme, "//", a host character.
-_PLAUSIBLE_URL = re.compile(r"\s*https?://[^/?#\s@:]", re.IGNORECASE)
+#: The common case, checked without urlsplit's cost: scheme, "//", then a host with
+#: no brackets or port (IPv6 literals, ports and stray brackets take the careful path).
+_PLAUSIBLE_URL = re.compile(
+    r"\s*https?://[^/?#\s@:\[\]][^/?#\s\[\]:]*(?:[/?#]|\s*$)", re.IGNORECASE
+)
 
 
 def url_problem(url: object) -> str | None:
@@ -46,10 +49,14 @@ def url_problem(url: object) -> str | None:
         return f"url is not a string ({type(url).__name__})"
     if not url.strip():
         return "url is empty"
-    parts = urlsplit(url.strip())
+    try:
+        parts = urlsplit(url.strip())
+        host, _ = parts.hostname, parts.port  # both raise on a malformed netloc
+    except ValueError as exc:
+        return f"url is malformed ({exc})"
     if parts.scheme.lower() not in ("http", "https"):
         return f"unsupported url scheme {parts.scheme or '(none)'!r}: only http and https"
-    if not parts.hostname:
+    if not host:
         return "url has no host"
     return None
 

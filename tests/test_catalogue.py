@@ -134,3 +134,26 @@ def test_missing_file(cli: Cli, tmp_path: Path) -> None:
     result = cli("import", str(tmp_path / "nope.json"), ok=False)
     assert result.exit_code == 1
     assert result.stderr.strip() == f"runner: error: {tmp_path / 'nope.json'}: no such file"
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("ftp://[x", "url is malformed"),
+        ("http://[zz/x", "url is malformed"),
+        ("http://a]b/", "url is malformed"),
+        ("http://h:99999/", "url is malformed"),
+        ("http:///x", "url has no host"),
+        ("file:///etc/passwd", "unsupported url scheme 'file'"),
+    ],
+)
+def test_malformed_urls_are_failed_records_not_a_crash(
+    cli: Cli, db_url: str, tmp_path: Path, url: str, problem: str
+) -> None:
+    records = {"bad": {"url": url}, "good": {"url": "http://[::1]:8080/v.mp4"}}
+    out = cli("import", str(write_catalogue(tmp_path / "c.json", records))).output
+    assert "inserted 1, updated 0, unchanged 0, invalid 1" in out
+    with sqlite3.connect(db_url.removeprefix("sqlite:///")) as conn:
+        rows = dict(conn.execute("SELECT key, status || ':' || coalesce(error, '') FROM jobs"))
+    assert rows["good"] == "pending:"
+    assert rows["bad"].startswith(f"failed:{problem}")
