@@ -22,6 +22,7 @@ from runner.errors import RunnerError
 if TYPE_CHECKING:
     from sqlalchemy import Engine
 
+    from runner.api import ApiConfig
     from runner.pipeline import DaemonConfig
 
 DEFAULT_DB = "sqlite:///runner.db"
@@ -183,8 +184,55 @@ def _daemon_options(command: Callable[..., Any]) -> Callable[..., Any]:
     return command
 
 
+def _api_options(default_http: str | None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Options of the HTTP API (runner/api.py), shared by `daemon` and `serve`."""
+    options = [
+        click.option(
+            "--http",
+            default=default_http,
+            show_default=default_http is not None,
+            metavar="[HOST:]PORT",
+            help="Serve the HTTP API here (host 127.0.0.1 unless given).",
+        ),
+        click.option(
+            "--token",
+            envvar="RUNNER_API_TOKEN",
+            default=None,
+            help="Bearer token the API requires (env RUNNER_API_TOKEN); needed to listen "
+            "on anything but loopback.",
+        ),
+        click.option(
+            "--allow-private-urls",
+            is_flag=True,
+            help="Let API URLs reach loopback, private and link-local addresses.",
+        ),
+        click.option(
+            "--encode-timeout-s",
+            type=click.FloatRange(0.1),
+            default=600.0,
+            show_default=True,
+            help="Longest /encode_audio request.",
+        ),
+        click.option(
+            "--max-body-bytes",
+            type=Size(),
+            default="8MiB",
+            show_default=True,
+            help="Largest API request body.",
+        ),
+    ]
+
+    def apply(command: Callable[..., Any]) -> Callable[..., Any]:
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return apply
+
+
 @main.command()
 @_daemon_options
+@_api_options(default_http=None)
 @click.option("--until-done", is_flag=True, help="Exit 0 once nothing is pending.")
 @click.option(
     "--workdir",
@@ -276,7 +324,49 @@ def daemon(ctx: click.Context, **options: Any) -> None:
         options["progress_bar"] = sys.stderr.isatty()
     from runner.pipeline import run_daemon
 
-    run_daemon(_engine(ctx), _daemon_config(options))
+    config = _daemon_config(options)  # a bad --http fails before the database is touched
+    run_daemon(_engine(ctx), config)
+
+
+#: `daemon` options that `serve` takes too; the rest keep their defaults there
+SERVE_SHARES = ("workdir", "downloads", "per_host", "decoders", "grace_s", "log_every_s")
+
+
+@main.command()
+@_daemon_options
+@_api_options(default_http="127.0.0.1:8080")
+@click.pass_context
+def serve(ctx: click.Context, **options: Any) -> None:
+    """Serve the HTTP API only: the daemon's model and stages, no jobs claimed from the
+    database (POST /jobs still queues them for daemons)."""
+    for param in daemon.params:
+        if param.name and param.name not in options:
+            options[param.name] = param.type_cast_value(ctx, param.get_default(ctx))
+    options.update(claim_jobs=False, until_done=False, progress_bar=False)
+    from runner.pipeline import run_daemon
+
+    config = _daemon_config(options)  # a bad --http fails before the database is touched
+    run_daemon(_engine(ctx), config)
+
+
+serve.params.extend(param for param in daemon.params if param.name in SERVE_SHARES)
+
+
+def _api_config(options: dict[str, Any]) -> ApiConfig | None:
+    """Pops the API options; checks the bind address now, before a model is loaded."""
+    from runner.api import ApiConfig, check_bind, parse_bind
+
+    http = options.pop("http")
+    api_options = {
+        name: options.pop(name)
+        for name in ("token", "allow_private_urls", "encode_timeout_s", "max_body_bytes")
+    }
+    if http is None:
+        return None
+    host, port = parse_bind(http)
+    config = ApiConfig(host=host, port=port, **api_options)
+    check_bind(config)
+    return config
 
 
 def _daemon_config(options: dict[str, Any]) -> DaemonConfig:
@@ -302,6 +392,7 @@ def _daemon_config(options: dict[str, Any]) -> DaemonConfig:
     if options.get("decoders") is None:
         options.pop("decoders", None)
     options["model_id"] = options["model_id"] or DEFAULT_MODEL_ID
+    options["api"] = _api_config(options)
     return DaemonConfig(limits=limits, retry=retry, **options)
 
 
@@ -499,21 +590,30 @@ def import_results(ctx: click.Context, directory: Path) -> None:
 )
 @click.pass_context
 def prune(ctx: click.Context, before: float, keep_results: bool) -> None:
-    """Drop done jobs finished before --done-before, then give the space back (VACUUM).
+    """Drop done jobs finished before --done-before, then VACUUM.
 
     Without --keep-results the rows are deleted, vectors and all: export first, and
     mind that importing a catalogue that still lists those keys queues them again.
-    Failed jobs are never pruned (they are for `runner retry`).
+    Failed jobs are never pruned (they are for `runner retry`).  SQLite gives the
+    space back to the file system; PostgreSQL keeps it for new rows (VACUUM FULL
+    jobs would return it, but locks the table while it runs).
     """
     from runner.adopt import format_bytes
     from runner.adopt import prune as run_prune
 
-    report = run_prune(_engine(ctx), before=before, keep_results=keep_results)
+    engine = _engine(ctx)
+    report = run_prune(engine, before=before, keep_results=keep_results)
+    sqlite = engine.dialect.name == "sqlite"
     click.echo(
         f"pruned {report.rows} done job(s)"
         + (" (kept their results)" if keep_results else "")
-        + f"; database {format_bytes(report.bytes_before)} -> "
-        f"{format_bytes(report.bytes_after)}, reclaimed {format_bytes(report.reclaimed)}"
+        + f"; {'database' if sqlite else 'jobs table'} {format_bytes(report.bytes_before)} -> "
+        f"{format_bytes(report.bytes_after)}"
+        + (
+            f", reclaimed {format_bytes(report.reclaimed)}"
+            if sqlite
+            else " (PostgreSQL reuses the freed space for new rows)"
+        )
     )
 
 

@@ -9,14 +9,24 @@ worth retrying, permanent ones are not.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
+from aiohttp.abc import AbstractResolver, ResolveResult
+from yarl import URL
 
-from runner.errors import DownloadError, TransientDownloadError
+from runner.errors import (
+    DownloadError,
+    DownloadTimeoutError,
+    TransientDownloadError,
+    UrlRefusedError,
+)
 from runner.retry import parse_retry_after
 
 CHUNK_BYTES = 1 << 20
@@ -39,8 +49,111 @@ class Downloaded:
     size_bytes: int
 
 
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True)
+class UrlGuard:
+    """Refuses URLs that point into the machine's own networks (SSRF).
+
+    Used for URLs that arrive over the HTTP API: only http/https, and no host that
+    resolves to a loopback, private, link-local or otherwise non-global address.
+    The check runs on every request of a redirect chain (a client middleware) and
+    again on the addresses the connector actually connects to (a resolver), so
+    neither a redirect nor a DNS answer that changes between check and connect
+    gets through.
+    """
+
+    #: networks let through anyway (tests serve media from 127.0.0.1)
+    exempt: tuple[IPNetwork, ...] = ()
+
+    def address_problem(self, host: str, address: str) -> str | None:
+        ip: IPAddress = ipaddress.ip_address(address.split("%", 1)[0])
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        if any(ip in network for network in self.exempt):
+            return None
+        if ip.is_global and not ip.is_multicast:
+            return None
+        kind = (
+            "loopback"
+            if ip.is_loopback
+            else "link-local"
+            if ip.is_link_local
+            else "private"
+            if ip.is_private
+            else "non-public"
+        )
+        shown = host if host == str(ip) else f"{host} ({ip})"
+        return f"refused: {shown} is a {kind} address"
+
+    def check_url(self, url: str | URL) -> None:
+        """Scheme, and the host when it is an IP literal (the connector never resolves those)."""
+        parsed = URL(url) if isinstance(url, str) else url
+        if parsed.scheme not in ("http", "https"):
+            scheme = parsed.scheme or "none"
+            raise UrlRefusedError(f"refused: only http and https urls, not {scheme!r}")
+        host = (parsed.raw_host or "").strip("[]")
+        if not host:
+            raise UrlRefusedError("refused: url has no host")
+        try:
+            problem = self.address_problem(host, host)
+        except ValueError:
+            return  # a name: the resolver checks what it resolves to
+        if problem:
+            raise UrlRefusedError(problem)
+
+    async def check_resolved(self, url: str) -> None:
+        """`check_url`, then the addresses the host resolves to now: for URLs stored to
+        be fetched later.  A name that does not resolve passes (its download fails)."""
+        self.check_url(url)
+        host = (URL(url).raw_host or "").strip("[]")
+        try:
+            ipaddress.ip_address(host)
+            return  # a literal, checked above
+        except ValueError:
+            pass
+        loop = asyncio.get_running_loop()
+        try:
+            infos = await asyncio.wait_for(loop.getaddrinfo(host, None), 10)
+        except (OSError, TimeoutError, UnicodeError):
+            return
+        for info in infos:
+            problem = self.address_problem(host, str(info[4][0]))
+            if problem:
+                raise UrlRefusedError(problem)
+
+    async def middleware(
+        self, request: aiohttp.ClientRequest, handler: aiohttp.ClientHandlerType
+    ) -> aiohttp.ClientResponse:
+        self.check_url(request.url)
+        return await handler(request)
+
+
+class GuardedResolver(AbstractResolver):
+    """Resolves like aiohttp's default, then refuses if any address is non-public."""
+
+    def __init__(self, guard: UrlGuard) -> None:
+        self.guard = guard
+        self.inner = aiohttp.ThreadedResolver()
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        results = await self.inner.resolve(host, port, family)
+        for result in results:
+            problem = self.guard.address_problem(host, result["host"])
+            if problem:
+                raise UrlRefusedError(problem)
+        return results
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
 def make_session(
-    limits: DownloadLimits, *, connections: int, per_host: int
+    limits: DownloadLimits, *, connections: int, per_host: int, guard: UrlGuard | None = None
 ) -> aiohttp.ClientSession:
     timeout = aiohttp.ClientTimeout(
         total=None,
@@ -48,10 +161,14 @@ def make_session(
         connect=limits.connect_timeout_s,
         sock_read=limits.read_timeout_s,
     )
-    connector = aiohttp.TCPConnector(limit=connections, limit_per_host=per_host)
+    guarded: dict[str, Any] = {}
+    if guard is not None:
+        guarded = {"resolver": GuardedResolver(guard)}
+    connector = aiohttp.TCPConnector(limit=connections, limit_per_host=per_host, **guarded)
     return aiohttp.ClientSession(
         timeout=timeout,
         connector=connector,
+        middlewares=(guard.middleware,) if guard is not None else (),
         auto_decompress=False,
         headers={"User-Agent": "runner/0.1 (audio embeddings)"},
     )
@@ -79,7 +196,10 @@ class HostGate:
 
     @staticmethod
     def host_of(url: str) -> str:
-        return (urlsplit(url).hostname or "").lower()
+        try:
+            return (urlsplit(url).hostname or "").lower()
+        except ValueError:  # 'Invalid IPv6 URL': the download itself will say so
+            return ""
 
     def blocked_until(self, url: str, *, now: float) -> float | None:
         until = self._until.get(self.host_of(url))
@@ -103,16 +223,22 @@ def _check_content_type(response: aiohttp.ClientResponse) -> None:
 async def _stream_body(response: aiohttp.ClientResponse, dest: Path, max_bytes: int) -> int:
     declared = response.content_length
     if declared is not None and declared > max_bytes:
-        raise DownloadError(f"file is {declared} bytes, over the {max_bytes}-byte cap")
+        raise DownloadError(
+            f"file is {declared} bytes, over the {max_bytes}-byte cap", http_status=response.status
+        )
     size = 0
     with dest.open("wb") as out:
         async for chunk in response.content.iter_chunked(CHUNK_BYTES):
             size += len(chunk)
             if size > max_bytes:
-                raise DownloadError(f"body exceeds the {max_bytes}-byte cap")
+                raise DownloadError(
+                    f"body exceeds the {max_bytes}-byte cap", http_status=response.status
+                )
             out.write(chunk)
     if declared is not None and size < declared:
-        raise TransientDownloadError(f"body ended after {size} of {declared} bytes")
+        raise TransientDownloadError(
+            f"body ended after {size} of {declared} bytes", http_status=response.status
+        )
     return size
 
 
@@ -120,15 +246,24 @@ async def download(
     session: aiohttp.ClientSession, url: str, dest: Path, limits: DownloadLimits
 ) -> Downloaded:
     """Fetch `url` into `dest`; on any error `dest` may be partial and the caller removes it."""
+    status: int | None = None  # once the server answered, kept on a failure record
     try:
-        async with session.get(url, allow_redirects=True, max_redirects=10) as response:
+        # aiohttp's sock_read never fires while a server that sent a 1xx stalls
+        # (aio-libs/aiohttp#2926): bound the wait for the final headers ourselves
+        response = await asyncio.wait_for(
+            session.get(url, allow_redirects=True, max_redirects=10),
+            limits.connect_timeout_s + limits.read_timeout_s,
+        )
+        async with response:
+            status = response.status
             if response.status != 200:
                 raise _status_error(response)
             _check_content_type(response)
             size = await _stream_body(response, dest, limits.max_bytes)
     except (TimeoutError, asyncio.TimeoutError):
-        raise TransientDownloadError(
-            f"timed out (connect {limits.connect_timeout_s:g} s, read {limits.read_timeout_s:g} s)"
+        raise DownloadTimeoutError(
+            f"timed out (connect {limits.connect_timeout_s:g} s, read {limits.read_timeout_s:g} s)",
+            http_status=status,
         ) from None
     except aiohttp.TooManyRedirects:
         raise DownloadError("too many redirects") from None
@@ -137,9 +272,13 @@ async def download(
     except (aiohttp.InvalidURL, aiohttp.NonHttpUrlClientError) as exc:
         raise DownloadError(f"invalid or non-http url: {exc}") from None
     except aiohttp.ClientPayloadError as exc:
-        raise TransientDownloadError(f"body cut short: {exc}") from None
+        raise TransientDownloadError(f"body cut short: {exc}", http_status=status) from None
     except aiohttp.ClientConnectorError as exc:
         raise TransientDownloadError(f"cannot connect: {exc.os_error or exc}") from None
     except aiohttp.ClientError as exc:
-        raise TransientDownloadError(f"connection error: {type(exc).__name__}: {exc}") from None
+        raise TransientDownloadError(
+            f"connection error: {type(exc).__name__}: {exc}", http_status=status
+        ) from None
+    except ValueError as exc:  # e.g. the resolver's idna codec on 'a..b': one bad url, not a bug
+        raise DownloadError(f"invalid url: {exc}") from None
     return Downloaded(path=dest, size_bytes=size)

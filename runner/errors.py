@@ -45,6 +45,15 @@ class TransientDownloadError(DownloadError):
     transient = True
 
 
+class DownloadTimeoutError(TransientDownloadError):
+    """The source stopped answering (connect or read timeout)."""
+
+
+class UrlRefusedError(DownloadError):
+    """The URL, or a redirect on the way, points somewhere the API may not fetch from
+    (a non-http scheme, or a loopback, private or link-local address)."""
+
+
 class DecodeError(JobError):
     error_class = "decode"
 

@@ -19,17 +19,19 @@ import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
+import itertools
 import logging
 import os
 import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import aiohttp
 import numpy as np
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from sqlalchemy import Engine
@@ -45,10 +47,14 @@ from runner.embed import (
     WindowItem,
     default_batch_seconds,
 )
-from runner.errors import DecodeError, DownloadError, EmbedError, JobError
+from runner.errors import DecodeError, DownloadError, EmbedError, JobError, TransientDownloadError
+from runner.metrics import Metrics
 from runner.progress import Progress, read_counts
 from runner.retry import RetryPolicy
 from runner.workdir import Workdir
+
+if TYPE_CHECKING:
+    from runner.api import ApiConfig
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +91,10 @@ class DaemonConfig:
     log_every_s: float = 60.0
     #: a live tqdm bar on stderr instead of log lines (the CLI turns it on for a tty)
     progress_bar: bool = False
+    #: False for `runner serve`: no jobs from the database, only the HTTP API's
+    claim_jobs: bool = True
+    #: serve the HTTP API (runner/api.py) beside the stages
+    api: ApiConfig | None = None
 
 
 @dataclass
@@ -99,6 +109,8 @@ class _Tracked:
     windows_sent: int | None = None  # known once decoding ended
     info: MediaInfo | None = None
     ended: bool = False  # its outcome is queued for storing
+    #: an ad-hoc job (encode_url): its outcome resolves this instead of being stored
+    reply: asyncio.Future | None = None
 
 
 @dataclass(frozen=True)
@@ -113,6 +125,10 @@ class _Decoded:
 
 class StageFailed(RuntimeError):
     """A stage task died; the daemon stops rather than run with a hole in the pipe."""
+
+
+class Stopping(RuntimeError):
+    """The daemon is stopping and takes no new ad-hoc work."""
 
 
 class ByteBudget:
@@ -155,6 +171,11 @@ class Daemon:
         self.inflight: dict[int, _Tracked] = {}
         self.hosts = HostGate()
         self.tasks: list[asyncio.Task] = []
+        self.metrics = Metrics()
+        #: session for ad-hoc (API) downloads, guarded against private addresses
+        self.adhoc_session: aiohttp.ClientSession | None = None
+        self.api_url: str | None = None  # set once the HTTP API listens
+        self._adhoc_ids = itertools.count(-1, -1)  # never a database id
         self._halt = threading.Event()  # tells decode threads to give up
         self._db = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="runner-db")
         self._model = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="runner-embed")
@@ -173,12 +194,32 @@ class Daemon:
 
     def _finish(self, tracked: _Tracked, outcome: jobs.Outcome) -> None:
         tracked.ended = True
+        if tracked.reply is not None:
+            message = outcome.failure.message if outcome.failure else "no result"
+            error = TransientDownloadError(message, http_status=503)
+            self._answer(tracked, outcome.result or error)
+            return
         self.store_q.put_nowait(outcome)
+
+    def _answer(self, tracked: _Tracked, value: jobs.Result | JobError) -> None:
+        """End an ad-hoc job: its caller gets the result or the error, nothing is stored."""
+        tracked.ended = True
+        self.inflight.pop(tracked.job.id, None)
+        reply = tracked.reply
+        if reply is None or reply.done():
+            return
+        if isinstance(value, JobError):
+            reply.set_exception(value)
+        else:
+            reply.set_result(value)
 
     def _job_error(self, job_id: int, error: JobError) -> None:
         """Retry a transient error later, fail a permanent one (or the last try)."""
         tracked = self.inflight.get(job_id)
         if tracked is None or tracked.ended:
+            return
+        if tracked.reply is not None:
+            self._answer(tracked, error)  # ad-hoc: no retries, the caller decides
             return
         policy, attempts = self.config.retry, tracked.job.attempts
         failure = jobs.Failure(
@@ -220,7 +261,7 @@ class Daemon:
         cfg = self.config
         capacity = cfg.downloads + cfg.prefetch_files + cfg.decoders * 2
         while not self.stop.is_set():
-            if not self.draining and await self._claim(capacity):
+            if not self.draining and self.config.claim_jobs and await self._claim(capacity):
                 continue
             if not self.inflight and await self._drained():
                 self.stop.set()
@@ -253,8 +294,9 @@ class Daemon:
             limit=free,
             lease_s=self.config.lease_s,
         )
-        for job in claimed:
+        for job in claimed:  # all tracked before any wait: a stop may come at the put
             self.inflight[job.id] = _Tracked(job=job, started=time.monotonic())
+        for job in claimed:
             await self.download_q.put(job)
         return bool(claimed)
 
@@ -273,8 +315,10 @@ class Daemon:
 
     async def _download(self, job: jobs.Job) -> None:
         dest = self.workdir.temp_path(job.id)
+        session = self.adhoc_session if job.id < 0 and self.adhoc_session else self.session
+        started = time.monotonic()
         try:
-            got = await download(self.session, job.url, dest, self.config.limits)
+            got = await download(session, job.url, dest, self.config.limits)
         except JobError as exc:
             self.workdir.remove(dest)
             self._job_error(job.id, exc)
@@ -282,6 +326,10 @@ class Daemon:
         except BaseException:
             self.workdir.remove(dest)
             raise
+        self.metrics.downloaded(got.size_bytes, time.monotonic() - started)
+        if job.id not in self.inflight:  # an ad-hoc caller gave up meanwhile
+            self.workdir.remove(dest)
+            return
         await self.prefetch.acquire(got.size_bytes)
         await self.decode_q.put((job, dest, got.size_bytes))
 
@@ -289,6 +337,7 @@ class Daemon:
         loop = asyncio.get_running_loop()
         while True:
             job, path, size_bytes = await self.decode_q.get()
+            started = time.monotonic()
             try:
                 marker = await loop.run_in_executor(
                     self._decode, self._decode_file, job, path, loop
@@ -296,6 +345,7 @@ class Daemon:
             finally:
                 self.workdir.remove(path)
                 self.prefetch.release(size_bytes)
+            self.metrics.decode_s.observe(time.monotonic() - started)
             await self.window_q.put(marker)
 
     def _decode_file(self, job: jobs.Job, path: Path, loop: asyncio.AbstractEventLoop) -> _Decoded:
@@ -339,6 +389,7 @@ class Daemon:
             batch = batcher.next_batch()
             if not batch:
                 continue
+            started = time.monotonic()
             try:
                 parts = await loop.run_in_executor(
                     self._model, self.embedder.embed, [item.samples for item in batch]
@@ -348,6 +399,8 @@ class Daemon:
                 for item in batch:
                     self._job_error(item.job_id, EmbedError(f"embedding failed: {exc}"))
                 continue
+            finally:
+                self.metrics.embedded(time.monotonic() - started)
             for item, part in zip(batch, parts, strict=True):
                 self._add_part(item.job_id, part)
 
@@ -408,6 +461,8 @@ class Daemon:
         )
         for outcome in batch:
             self.inflight.pop(outcome.job_id, None)
+            if outcome.job_id not in lost:
+                self.metrics.job_outcome(outcome)
         self.progress.record(batch, now=time.time())
         for job_id in lost:
             log.warning("job %s was no longer ours when its outcome was stored", job_id)
@@ -491,10 +546,57 @@ class Daemon:
             ) as self.session:
                 scheduler.start()
                 try:
-                    await self._supervise()
+                    async with self._serving():
+                        await self._supervise()
                 finally:
                     scheduler.shutdown(wait=False)
                     await asyncio.shield(self._shutdown())
+
+    @contextlib.asynccontextmanager
+    async def _serving(self) -> AsyncIterator[None]:
+        """The HTTP API, when configured, for as long as the stages run."""
+        if self.config.api is None:
+            yield
+            return
+        from runner.api import serve_api
+
+        async with serve_api(self, self.config.api):
+            yield
+
+    # --- ad-hoc jobs (the HTTP API) ----------------------------------------------
+
+    async def encode_url(self, url: str) -> jobs.Result:
+        """Run one URL through the same download → decode → embed stages, outside the
+        database: a negative id in `inflight` whose outcome resolves a future instead
+        of going to the store.  Raises the JobError that ended it, or Stopping."""
+        if self.draining or self.stop.is_set():
+            raise Stopping("the daemon is stopping")
+        job = jobs.Job(id=next(self._adhoc_ids), key="", url=url, attempts=0)
+        reply: asyncio.Future = asyncio.get_running_loop().create_future()
+        self.inflight[job.id] = _Tracked(job=job, started=time.monotonic(), reply=reply)
+        try:
+            await self.download_q.put(job)
+            return await reply
+        finally:  # cancelled (timeout, client gone): the stages drop it
+            tracked = self.inflight.pop(job.id, None)
+            if tracked is not None:
+                tracked.ended = True
+
+    def abandon_adhoc(self, reason: str) -> None:
+        for tracked in [t for t in self.inflight.values() if t.reply is not None]:
+            tracked.ended = True
+            self.inflight.pop(tracked.job.id, None)
+            if tracked.reply is not None and not tracked.reply.done():
+                tracked.reply.set_exception(Stopping(reason))
+
+    def queue_depths(self) -> dict[str, int]:
+        return {
+            "download": self.download_q.qsize(),
+            "decode": self.decode_q.qsize(),
+            "window": self.window_q.qsize(),
+            "store": self.store_q.qsize(),
+            "inflight": len(self.inflight),
+        }
 
     async def _supervise(self) -> None:
         stages: dict[str, Callable[[], Coroutine[Any, Any, None]]] = {
@@ -531,9 +633,8 @@ class Daemon:
             finished.append(self.store_q.get_nowait())
         if finished:
             await self._store(finished)
-        released = await self._in_db(
-            jobs.release, self.engine, list(self.inflight), worker_id=self.worker_id
-        )
+        self.abandon_adhoc("the daemon stopped")
+        released = await self._in_db(jobs.release, self.engine, None, worker_id=self.worker_id)
         if released:
             log.info("released %d in-flight job(s) back to pending", released)
         self.inflight.clear()

@@ -1,0 +1,451 @@
+"""The HTTP API (aiohttp.web), served inside the daemon's event loop.
+
+`runner daemon --http` and `runner serve --http` run it beside the pipeline stages,
+so /encode_audio goes through the very same download → decode → embed stages and
+the one model the daemon already holds; nothing here loads a model.  Database work
+runs on the loop's default executor so a slow /status never delays a claim.
+
+Security, because the API fetches URLs it is given: it listens on 127.0.0.1 unless
+told otherwise, any other address needs a bearer token (checked on every route but
+/healthz), and URLs are http/https only and, unless allowed, never reach loopback,
+private or link-local addresses, on any hop of a redirect chain (runner/download.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import io
+import ipaddress
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import ijson
+import numpy as np
+from aiohttp import web
+from sqlalchemy import Engine, select
+from yarl import URL
+
+from runner import jobs
+from runner.catalogue import BATCH_RECORDS, CatalogueFormat, Rejected, iter_records, url_problem
+from runner.db import READ_ONLY
+from runner.download import IPNetwork, UrlGuard, make_session
+from runner.errors import (
+    DecodeError,
+    DownloadError,
+    DownloadTimeoutError,
+    JobError,
+    RunnerError,
+    UrlRefusedError,
+)
+from runner.models import jobs as jobs_table
+from runner.status import read_status
+
+if TYPE_CHECKING:
+    from runner.pipeline import Daemon
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PORT = 8080
+#: POST /jobs: same formats as `runner import`; an array's records carry their key here
+JOBS_FORMAT = CatalogueFormat(key_field="key", url_field="url")
+#: routes that answer without a token (load balancers probe them)
+OPEN_ROUTES = frozenset({"/healthz"})
+
+
+@dataclass(frozen=True)
+class ApiConfig:
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    token: str | None = None
+    allow_private_urls: bool = False
+    max_body_bytes: int = 8 << 20
+    #: longest /encode_audio request; a request may ask for less with "timeout_s"
+    encode_timeout_s: float = 600.0
+    #: networks let through despite the private-address refusal (tests use 127.0.0.1)
+    exempt_networks: tuple[IPNetwork, ...] = ()
+
+    def url_guard(self) -> UrlGuard | None:
+        return None if self.allow_private_urls else UrlGuard(exempt=self.exempt_networks)
+
+
+def parse_bind(text: str) -> tuple[str, int]:
+    """'8080', ':8080', '0.0.0.0:8080', '[::1]:8080' -> (host, port); 127.0.0.1 by default."""
+    host, sep, port_text = text.strip().rpartition(":")
+    if not sep:
+        host, port_text = "", text.strip()
+    host = host.strip("[]") or "127.0.0.1"
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise RunnerError(f"--http {text!r}: expected PORT or HOST:PORT")
+    return host, int(port_text)
+
+
+def is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_bind(config: ApiConfig) -> None:
+    """Anything but loopback is reachable by others: refuse to serve it without a token."""
+    if not is_loopback(config.host) and not config.token:
+        raise RunnerError(
+            f"--http {config.host}:{config.port} listens beyond this machine: "
+            "set a token with --token or RUNNER_API_TOKEN"
+        )
+
+
+# --- helpers -----------------------------------------------------------------------
+
+DAEMON = web.AppKey("daemon", object)
+CONFIG = web.AppKey("config", ApiConfig)
+
+
+def _daemon(request: web.Request) -> Daemon:
+    return request.app[DAEMON]  # type: ignore[return-value]
+
+
+class ApiError(Exception):
+    """A 4xx with a message for the client; it goes in the JSON body, never in the
+    status line (where a newline from the input would be a header injection)."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.headers = status, message, headers or {}
+
+
+def _error(status: int, message: str, **extra: Any) -> web.Response:
+    return web.json_response({"error": message, **extra}, status=status)
+
+
+async def _in_thread(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(None, lambda: fn(*args, **kwargs))
+
+
+async def _json_body(request: web.Request) -> Any:
+    """The body as JSON, or a 4xx that says what is wrong with it."""
+    body = await request.read()  # client_max_size turns an oversized body into 413
+    if not body.strip():
+        raise ApiError(400, "empty body: expected JSON")
+    try:
+        return json.loads(body)
+    except UnicodeDecodeError as exc:
+        raise ApiError(400, f"body is not UTF-8 JSON ({exc.reason})") from None
+    except json.JSONDecodeError as exc:
+        raise ApiError(
+            400, f"invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"
+        ) from None
+    except (ValueError, RecursionError) as exc:
+        raise ApiError(400, f"invalid JSON: {exc}") from None
+
+
+# --- middlewares -------------------------------------------------------------------
+
+
+def _route_name(request: web.Request) -> str:
+    info = request.match_info.route.resource
+    return info.canonical if info is not None else "unmatched"
+
+
+@web.middleware
+async def _errors(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Every error is JSON {"error": ...}; a bug is a logged 500, never a traceback page."""
+    try:
+        response = await handler(request)
+    except ApiError as exc:
+        response = _error(exc.status, exc.message)
+        response.headers.update(exc.headers)
+    except web.HTTPException as exc:  # aiohttp's own: 404, 405, 413
+        if exc.status < 400:
+            raise
+        message = exc.reason
+        if exc.status == 413:
+            message = f"request body over the {request.app[CONFIG].max_body_bytes}-byte limit"
+        response = _error(exc.status, message)
+        if "Allow" in exc.headers:
+            response.headers["Allow"] = exc.headers["Allow"]
+    except Exception:
+        log.exception("%s %s failed", request.method, request.path)
+        response = _error(500, "internal error (see the daemon's log)")
+    _daemon(request).metrics.requests.inc(route=_route_name(request), code=str(response.status))
+    return response
+
+
+@web.middleware
+async def _auth(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    token = request.app[CONFIG].token
+    if token and request.path not in OPEN_ROUTES:
+        sent = request.headers.get("Authorization", "")
+        scheme, _, value = sent.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            value.strip().encode("utf-8", "surrogateescape"), token.encode()
+        ):
+            raise ApiError(401, "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"})
+    return await handler(request)
+
+
+# --- routes ------------------------------------------------------------------------
+
+routes = web.RouteTableDef()
+
+
+@routes.get("/healthz")
+async def healthz(request: web.Request) -> web.Response:
+    daemon = _daemon(request)
+    return web.json_response(
+        {"ok": True, "stopping": daemon.draining or daemon.stop.is_set()},
+    )
+
+
+@routes.get("/status")
+async def status(request: web.Request) -> web.Response:
+    top_text = request.query.get("top", "5")
+    if not top_text.isdigit() or int(top_text) > 1000:
+        raise ApiError(400, "top: expected an integer from 0 to 1000")
+    engine = _daemon(request).engine
+    report = await _in_thread(read_status, engine, now=time.time(), top=int(top_text))
+    return web.json_response(report)
+
+
+def _jobs_by_state(engine: Engine) -> dict[str, int]:
+    with engine.connect() as conn:
+        conn = conn.execution_options(**{READ_ONLY: True})
+        with conn.begin():
+            return {state.value: n for state, n in jobs.count_by_status(conn).items()}
+
+
+@routes.get("/metrics")
+async def metrics(request: web.Request) -> web.Response:
+    daemon = _daemon(request)
+    by_state = await _in_thread(_jobs_by_state, daemon.engine)
+    text = daemon.metrics.render(jobs_by_state=by_state, queues=daemon.queue_depths())
+    return web.Response(text=text, content_type="text/plain", charset="utf-8")
+
+
+def _job_view(row: Any) -> dict[str, Any]:
+    result = None
+    if row.status == jobs.Status.DONE.value and row.vector is not None:
+        vector = np.frombuffer(row.vector, dtype="<f4", count=row.vector_dim)
+        result = {
+            "vector": [float(x) for x in vector],
+            "video_duration": row.video_duration_s,
+            "channels_count": row.channels_count,
+            "processing_audio_time": row.processing_audio_time_s,
+            "model_id": row.model_id,
+        }
+    return {
+        "key": row.key,
+        "url": row.url,
+        "state": row.status,
+        "attempts": row.attempts,
+        "error": row.error,
+        "error_class": row.error_class,
+        "http_status": row.http_status,
+        "finished_at": row.finished_at,
+        "result": result,
+    }
+
+
+def read_job(engine: Engine, key: str) -> dict[str, Any] | None:
+    with engine.connect() as conn:
+        conn = conn.execution_options(**{READ_ONLY: True})
+        with conn.begin():
+            row = conn.execute(select(jobs_table).where(jobs_table.c.key == key)).first()
+    return None if row is None else _job_view(row)
+
+
+@routes.get("/jobs/{key:.+}")
+async def get_job(request: web.Request) -> web.Response:
+    key = request.match_info["key"]
+    view = await _in_thread(read_job, _daemon(request).engine, key)
+    if view is None:
+        return _error(404, f"no job with key {key!r}")
+    return web.json_response(view)
+
+
+def _parse_records(body: bytes, shape: Any) -> tuple[list[jobs.Record], Rejected]:
+    """The same parser and checks as `runner import`; one record object is a list of one."""
+    if isinstance(shape, dict) and "key" in shape:
+        body = b"[" + body + b"]"
+    elif not isinstance(shape, dict | list):
+        raise ApiError(
+            400, "expected a record {key, url, ...}, an array of them, or {key: {url, ...}}"
+        )
+    rejected = Rejected()
+    try:
+        records = list(iter_records(io.BytesIO(body), Path("body"), JOBS_FORMAT, rejected))
+    except (ijson.JSONError, RunnerError, ValueError) as exc:  # ValueError: urlsplit
+        raise ApiError(400, f"cannot read records: {exc}") from None
+    return records, rejected
+
+
+async def _refuse_private(records: list[jobs.Record], guard: UrlGuard | None) -> None:
+    """Queued URLs are checked now, by address, like /encode_audio's (one look-up a host)."""
+    if guard is None:
+        return
+    first_by_host: dict[str, jobs.Record] = {}
+    for record in records:
+        if record.url is not None and not record.invalid:
+            try:
+                host = (URL(record.url).raw_host or "").lower()
+            except ValueError:
+                host = record.url
+            first_by_host.setdefault(host, record)
+    for record in first_by_host.values():
+        assert record.url is not None
+        try:
+            await guard.check_resolved(record.url)
+        except (UrlRefusedError, ValueError) as exc:
+            raise ApiError(403, f"job {record.key!r}: {exc}") from None
+
+
+def store_records(engine: Engine, records: list[jobs.Record]) -> jobs.ImportCounts:
+    """One transaction, batched like `runner import`."""
+    counts, now = jobs.ImportCounts(), time.time()
+    with engine.begin() as conn:
+        for start in range(0, len(records), BATCH_RECORDS):
+            counts.add(jobs.upsert_records(conn, records[start : start + BATCH_RECORDS], now=now))
+    return counts
+
+
+@routes.post("/jobs")
+async def post_jobs(request: web.Request) -> web.Response:
+    shape = await _json_body(request)
+    body = await request.read()
+    records, rejected = _parse_records(body, shape)
+    await _refuse_private(records, request.app[CONFIG].url_guard())
+    counts = await _in_thread(store_records, _daemon(request).engine, records)
+    return web.json_response(
+        {
+            "inserted": counts.inserted,
+            "updated": counts.updated,
+            "unchanged": counts.unchanged,
+            "invalid": counts.invalid + rejected.count,
+            "rejected": rejected.count,
+            "first_rejection": rejected.first_reason,
+        }
+    )
+
+
+def _encode_request(payload: Any, config: ApiConfig) -> tuple[str, float]:
+    if not isinstance(payload, dict):
+        raise ApiError(400, 'expected a JSON object {"video_url": "..."}')
+    url = payload.get("video_url")
+    if url is None or (isinstance(url, str) and not url.strip()):
+        raise ApiError(400, "video_url is missing")
+    problem = url_problem(url)
+    if problem:
+        raise ApiError(400, f"video_url: {problem}")
+    timeout_s = payload.get("timeout_s", config.encode_timeout_s)
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, int | float) or timeout_s <= 0:
+        raise ApiError(400, "timeout_s: expected a positive number of seconds")
+    assert isinstance(url, str)
+    return url.strip(), min(float(timeout_s), config.encode_timeout_s)
+
+
+#: JobError class -> HTTP status; the first match wins
+ERROR_STATUSES: tuple[tuple[type[JobError], int], ...] = (
+    (UrlRefusedError, 403),
+    (DownloadTimeoutError, 504),
+    (DownloadError, 502),
+    (DecodeError, 422),
+)
+
+
+@routes.post("/encode_audio")
+async def encode_audio(request: web.Request) -> web.Response:
+    from runner.pipeline import Stopping
+
+    config = request.app[CONFIG]
+    url, timeout_s = _encode_request(await _json_body(request), config)
+    guard = config.url_guard()
+    if guard is not None:
+        try:
+            guard.check_url(url)
+        except UrlRefusedError as exc:
+            return _error(403, str(exc))
+        except ValueError as exc:
+            return _error(400, f"video_url: invalid url: {exc}")
+    try:
+        result = await asyncio.wait_for(_daemon(request).encode_url(url), timeout_s)
+    except TimeoutError:
+        return _error(504, f"not finished within {timeout_s:g} s")
+    except Stopping as exc:
+        return _error(503, str(exc))
+    except JobError as exc:
+        status_code = next((s for kind, s in ERROR_STATUSES if isinstance(exc, kind)), 500)
+        return _error(
+            status_code, str(exc), error_class=exc.error_class, http_status=exc.http_status
+        )
+    return web.json_response(
+        {
+            "features": [[float(x) for x in result.vector]],
+            "processing_audio_time": result.processing_audio_time_s,
+            "video_duration": result.video_duration_s,
+            "channels_count": result.channels_count,
+        }
+    )
+
+
+@routes.get("/openapi.json")
+async def openapi(request: web.Request) -> web.Response:
+    from runner.openapi import document
+
+    return web.json_response(document(request.app[CONFIG]))
+
+
+# --- app and server ----------------------------------------------------------------
+
+
+def make_app(daemon: Daemon, config: ApiConfig) -> web.Application:
+    app = web.Application(middlewares=[_errors, _auth], client_max_size=config.max_body_bytes)
+    app[DAEMON] = daemon
+    app[CONFIG] = config
+    app.add_routes(routes)
+    return app
+
+
+@contextlib.asynccontextmanager
+async def serve_api(daemon: Daemon, config: ApiConfig) -> AsyncIterator[str]:
+    """Listen for as long as the daemon's stages run; yields the base URL.
+
+    On the way out, callers still waiting on /encode_audio get a 503 at once
+    rather than holding the shutdown up.
+    """
+    check_bind(config)
+    guard = config.url_guard()
+    if guard is not None:
+        daemon.adhoc_session = make_session(
+            daemon.config.limits,
+            connections=daemon.config.downloads,
+            per_host=daemon.config.per_host,
+            guard=guard,
+        )
+    app_runner = web.AppRunner(make_app(daemon, config), access_log=None, shutdown_timeout=5.0)
+    await app_runner.setup()
+    try:
+        site = web.TCPSite(app_runner, config.host, config.port)
+        await site.start()
+        host, port = app_runner.addresses[0][:2]
+        daemon.api_url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+        log.info("HTTP API listening on %s", daemon.api_url)
+        yield daemon.api_url
+    finally:
+        daemon.abandon_adhoc("the daemon is stopping")
+        await app_runner.cleanup()
+        if daemon.adhoc_session is not None:
+            await daemon.adhoc_session.close()
