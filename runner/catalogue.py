@@ -8,6 +8,7 @@ writes nothing.
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 from collections.abc import Iterator
@@ -24,6 +25,8 @@ from runner.errors import RunnerError
 
 BATCH_RECORDS = 5_000
 MAX_KEY_CHARS = 4_096
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -115,18 +118,19 @@ class Rejected:
 
 
 def iter_records(
-    stream: BinaryIO, path: Path, fmt: CatalogueFormat, rejected: Rejected
+    stream: BinaryIO, path: Path, fmt: CatalogueFormat, rejected: Rejected, parser: Any = ijson
 ) -> Iterator[jobs.Record]:
+    """`parser`: the ijson module (fastest backend) or `ijson.get_backend("python")`."""
     kind = _top_level_kind(stream, path)
     if kind == "object":
-        for key, value in ijson.kvitems(stream, "", use_float=True):
+        for key, value in parser.kvitems(stream, "", use_float=True):
             problem = _key_problem(key)
             if problem:
                 rejected.add(problem)
                 continue
             yield _record(key, value, fmt)
         return
-    for index, value in enumerate(ijson.items(stream, "item", use_float=True)):
+    for index, value in enumerate(parser.items(stream, "item", use_float=True)):
         key = value.get(fmt.key_field) if isinstance(value, dict) else None
         problem = _key_problem(key) if key is not None else f"no {fmt.key_field!r} field"
         if problem:
@@ -173,6 +177,23 @@ def import_catalogue(
     engine: Engine, path: Path, fmt: CatalogueFormat, *, now: float | None = None
 ) -> tuple[jobs.ImportCounts, Rejected]:
     now = time.time() if now is None else now
+    try:
+        return _import_with(ijson, engine, path, fmt, now=now)
+    except _BigIntegers:
+        # The C backend stops at any integer beyond 64 bits (a tweet id, say), even
+        # in metadata we only carry along; the pure-Python one takes them, slower.
+        # The first pass rolled back, so nothing is counted twice.
+        log.info("%s holds integers beyond 64 bits: importing with the Python parser", path)
+        return _import_with(ijson.get_backend("python"), engine, path, fmt, now=now)
+
+
+class _BigIntegers(Exception):
+    """The fast JSON parser refused an integer beyond 64 bits."""
+
+
+def _import_with(
+    parser: Any, engine: Engine, path: Path, fmt: CatalogueFormat, *, now: float
+) -> tuple[jobs.ImportCounts, Rejected]:
     counts, rejected = jobs.ImportCounts(), Rejected()
     try:
         stream = path.open("rb")
@@ -181,12 +202,14 @@ def import_catalogue(
     with stream, engine.begin() as conn:
         batch: list[jobs.Record] = []
         try:
-            for record in iter_records(stream, path, fmt, rejected):
+            for record in iter_records(stream, path, fmt, rejected, parser):
                 batch.append(record)
                 if len(batch) >= BATCH_RECORDS:
                     counts.add(jobs.upsert_records(conn, batch, now=now))
                     batch.clear()
         except ijson.JSONError as exc:
+            if "integer overflow" in str(exc) and parser is ijson:
+                raise _BigIntegers from None
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise RunnerError(
                 f"{path}: invalid JSON at {_json_error_position(path)}: {reason}; "

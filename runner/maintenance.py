@@ -4,7 +4,8 @@ A claim holds a lease.  The heartbeat renews the leases of everything this
 daemon holds, so a 3-hour video is never taken away while it is being worked on;
 the reaper returns to pending whatever nobody renews (its daemon died, on this
 machine or another).  On this machine we need not wait for the lease: a worker
-id names its host and pid, and a pid that no longer exists cannot renew.
+id names its host, pid and pid namespace, and a pid that no longer exists there
+cannot renew.
 
 Both run as APScheduler interval jobs inside the daemon; the functions take
 `now`, so tests call them directly with no sleeps.
@@ -12,11 +13,14 @@ Both run as APScheduler interval jobs inside the daemon; the functions take
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import logging
 import os
 import socket
 import uuid
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
 from sqlalchemy import Engine
 
@@ -25,11 +29,35 @@ from runner import jobs
 log = logging.getLogger(__name__)
 
 HOSTNAME = socket.gethostname()
+#: keeps a worker id within the column's 64 characters whatever the hostname
+HOST = HOSTNAME[:32]
+
+
+def _pid_space() -> str:
+    """Which pid numbering this process lives in: this boot of this machine, and
+    this pid namespace.  A hostname alone does not say it: two machines both named
+    'ubuntu', or two containers of one pod, share a hostname, and reading the
+    other's pid as dead here would take jobs from a live daemon."""
+    parts = []
+    with contextlib.suppress(OSError):
+        parts.append(Path("/proc/sys/kernel/random/boot_id").read_text().strip())
+    with contextlib.suppress(OSError):
+        parts.append(str(os.stat("/proc/self/ns/pid").st_ino))
+    if not parts:  # no /proc: the machine (MAC address) is the best we know
+        parts.append(f"{uuid.getnode():x}")
+    return hashlib.sha256("/".join(parts).encode()).hexdigest()[:8]
+
+
+PID_SPACE = _pid_space()
+
+
+def worker_id_for(pid: int, nonce: str) -> str:
+    """host:pid:pid-space:nonce — the nonce keeps a reused pid from inheriting old claims."""
+    return f"{HOST}:{pid}:{PID_SPACE}:{nonce}"
 
 
 def new_worker_id() -> str:
-    """host:pid:nonce — the nonce keeps a reused pid from inheriting old claims."""
-    return f"{HOSTNAME}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    return worker_id_for(os.getpid(), uuid.uuid4().hex[:8])
 
 
 def pid_alive(pid: int) -> bool:
@@ -45,11 +73,15 @@ def pid_alive(pid: int) -> bool:
 def dead_local_workers(
     worker_ids: Iterable[str], *, alive: Callable[[int], bool] = pid_alive
 ) -> list[str]:
+    """Workers of this machine and pid namespace whose process is gone.  Any other
+    worker (another machine, another container, an id of an older format) is left
+    to its lease."""
     dead = []
     for worker_id in worker_ids:
-        host, _, rest = worker_id.partition(":")
-        pid = rest.partition(":")[0]
-        if host == HOSTNAME and pid.isdigit() and not alive(int(pid)):
+        parts = worker_id.split(":")
+        if len(parts) != 4 or (parts[0], parts[2]) != (HOST, PID_SPACE):
+            continue
+        if parts[1].isdigit() and not alive(int(parts[1])):
             dead.append(worker_id)
     return dead
 

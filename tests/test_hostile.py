@@ -1,0 +1,237 @@
+"""A server that misbehaves in every way a URL we do not control can: each case ends
+in the right state within a bounded time, and the good videos in the same run are
+done meanwhile.
+
+The hostile server listens on 127.0.0.2, the good media on 127.0.0.1 (conftest's
+server): two hosts, so the 429/503 host back-off is visible as a back-off of the
+hostile host only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+
+from tests.conftest import Cli, MediaServer, write_catalogue
+from tests.hitserver import killed_at_exit
+from tests.test_crash import start_daemon
+
+MAX_BYTES = 1_000_000
+READ_TIMEOUT_S = 0.5
+MAX_ATTEMPTS = 3
+RETRY_AFTER_S = 1
+GOOD = ["stereo.mp4", "song.mp3", "voice.m4a", "clip.webm"]
+
+
+class HostileServer:
+    """Real sockets on 127.0.0.2; every handler records when it was hit."""
+
+    def __init__(self, media: Path) -> None:
+        self.media = media
+        self.hits: dict[str, list[float]] = collections.defaultdict(list)
+        self.base_url = ""
+        self._loop = asyncio.new_event_loop()
+        self._closing = False
+
+    def url(self, path: str) -> str:
+        return f"{self.base_url}{path}"
+
+    async def _hold(self, request: web.Request) -> None:
+        """Silence until the client gives up (or the server stops)."""
+        while not self._closing and request.transport and not request.transport.is_closing():
+            await asyncio.sleep(0.05)
+
+    async def endless(self, request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "video/mp4"})
+        await response.prepare(request)
+        chunk = b"\0" * 65536
+        while not self._closing:
+            try:
+                await response.write(chunk)
+            except ConnectionError:
+                break
+        return response
+
+    async def silence(self, request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(
+            headers={"Content-Type": "video/mp4", "Content-Length": "100000"}
+        )
+        await response.prepare(request)
+        await self._hold(request)
+        return response
+
+    async def cut(self, request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(
+            headers={"Content-Type": "video/mp4", "Content-Length": "100000"}
+        )
+        await response.prepare(request)
+        await response.write(b"\0" * 5000)
+        assert request.transport is not None
+        request.transport.close()
+        return response
+
+    async def redirect_file(self, request: web.Request) -> web.Response:
+        raise web.HTTPFound("file:///etc/passwd")
+
+    async def html(self, request: web.Request) -> web.Response:
+        return web.Response(text="<html><body>Sign in</body></html>", content_type="text/html")
+
+    async def flaky(self, request: web.Request) -> web.StreamResponse:
+        """503 twice, then the file."""
+        if len(self.hits[request.path]) <= 2:
+            return web.Response(status=503, text="busy")
+        return web.FileResponse(self.media / "song.mp3", headers={"Content-Type": "audio/mpeg"})
+
+    async def too_many(self, request: web.Request) -> web.StreamResponse:
+        """429 with Retry-After once, then the file."""
+        if len(self.hits[request.path]) <= 1:
+            return web.Response(
+                status=429, text="slow down", headers={"Retry-After": str(RETRY_AFTER_S)}
+            )
+        return web.FileResponse(self.media / "voice.m4a", headers={"Content-Type": "audio/mp4"})
+
+    def app(self) -> web.Application:
+        @web.middleware
+        async def record(request: web.Request, handler):  # type: ignore[no-untyped-def]
+            self.hits[request.path].append(time.monotonic())
+            return await handler(request)
+
+        app = web.Application(middlewares=[record])
+        for path, handler in {
+            "/endless.mp4": self.endless,
+            "/silence.mp4": self.silence,
+            "/cut.mp4": self.cut,
+            "/redirect.mp4": self.redirect_file,
+            "/page.mp4": self.html,
+            "/flaky.mp3": self.flaky,
+            "/busy.m4a": self.too_many,
+        }.items():
+            app.router.add_get(path, handler)
+        return app
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[HostileServer]:
+        ready = threading.Event()
+        box: dict[str, web.AppRunner] = {}
+
+        async def start() -> None:
+            box["runner"] = runner = web.AppRunner(self.app(), access_log=None, shutdown_timeout=1)
+            await runner.setup()
+            await web.TCPSite(runner, "127.0.0.2", 0).start()
+            self.base_url = f"http://127.0.0.2:{runner.addresses[0][1]}"
+            ready.set()
+
+        def serve() -> None:
+            asyncio.set_event_loop(self._loop)
+            self._loop.run_until_complete(start())
+            self._loop.run_forever()
+            self._loop.run_until_complete(box["runner"].cleanup())
+            self._loop.close()
+
+        thread = threading.Thread(target=serve, name="hostile-server", daemon=True)
+        thread.start()
+        assert ready.wait(10), "hostile server did not start"
+        try:
+            yield self
+        finally:
+            self._closing = True
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            thread.join(10)
+
+
+@pytest.fixture
+def hostile(media_dir: Path) -> Iterator[HostileServer]:
+    with HostileServer(media_dir).running() as server:
+        yield server
+
+
+#: key -> (path, final status, error class, HTTP status, attempts, message excerpt)
+EXPECTED = {
+    "endless": ("/endless.mp4", "failed", "download", 200, 1, "exceeds the 1000000-byte cap"),
+    "silence": ("/silence.mp4", "failed", "download", 200, MAX_ATTEMPTS, "timed out"),
+    "cut": ("/cut.mp4", "failed", "download", 200, MAX_ATTEMPTS, "body"),
+    "redirect": ("/redirect.mp4", "failed", "download", None, 1, "redirect"),
+    "html": ("/page.mp4", "failed", "download", 200, 1, "not a media file"),
+    "flaky": ("/flaky.mp3", "done", None, None, 3, None),
+    "busy": ("/busy.m4a", "done", None, None, 2, None),
+}
+
+
+def test_every_hostile_case_ends_right_and_good_jobs_finish(
+    tmp_path: Path, tiny_model: Path, server: MediaServer, hostile: HostileServer
+) -> None:
+    records = {key: {"url": hostile.url(case[0])} for key, case in EXPECTED.items()}
+    records.update({f"good-{name}": {"url": server.url(f"media/{name}")} for name in GOOD})
+    db_url = f"sqlite:///{tmp_path / 'hostile.db'}"
+    cli = Cli(db_url)
+    cli("import", str(write_catalogue(tmp_path / "all_videos.json", records)))
+    workdir = tmp_path / "work"
+    daemon = start_daemon(
+        db_url,
+        tiny_model,
+        workdir,
+        "--until-done",
+        f"--max-bytes={MAX_BYTES}",
+        f"--read-timeout-s={READ_TIMEOUT_S}",
+        "--connect-timeout-s=5",
+        f"--max-attempts={MAX_ATTEMPTS}",
+        "--retry-base-s=0.2",
+        "--retry-max-s=2",
+    )
+    with killed_at_exit(daemon):
+        daemon.wait(120)  # bounded: a hang raises TimeoutExpired
+    log = (tmp_path / "daemon.log").read_text()
+    assert daemon.returncode == 0, log[-3000:]
+
+    with sqlite3.connect(db_url.removeprefix("sqlite:///")) as conn:
+        conn.row_factory = sqlite3.Row
+        rows = {r["key"]: dict(r) for r in conn.execute("SELECT * FROM jobs")}
+    for name in GOOD:
+        assert rows[f"good-{name}"]["status"] == "done", rows[f"good-{name}"]
+    got = {
+        key: (row["status"], row["error_class"], row["http_status"], row["attempts"])
+        for key, row in rows.items()
+        if key in EXPECTED
+    }
+    assert got == {key: case[1:5] for key, case in EXPECTED.items()}, {
+        key: row["error"] for key, row in rows.items()
+    }
+    for key, (path, status, _, _, attempts, message) in EXPECTED.items():
+        row = rows[key]
+        assert row["url"] == hostile.url(path)
+        if message is None:
+            assert row["error"] is None
+        else:
+            assert message in row["error"], (key, row["error"])
+        if status == "failed" and attempts == MAX_ATTEMPTS:
+            assert row["error"].startswith(f"gave up after {MAX_ATTEMPTS} attempts: "), row["error"]
+
+    # 503 twice then the file: three requests; 429 then the file, after Retry-After
+    assert len(hostile.hits["/flaky.mp3"]) == 3
+    first, second = hostile.hits["/busy.m4a"]
+    assert second - first >= RETRY_AFTER_S * 0.95
+    assert not [p for p in workdir.rglob("*") if p.is_file()], "temp files left behind"
+
+    fails = _exported_failures(cli, tmp_path / "out")
+    assert set(fails) == {k for k, case in EXPECTED.items() if case[1] == "failed"}
+    for key, entry in fails.items():
+        assert entry["url"] == hostile.url(EXPECTED[key][0])
+        assert entry["error"] == rows[key]["error"]
+        assert entry["error_class"] == EXPECTED[key][2]
+        assert entry["http_status"] == EXPECTED[key][3]
+        assert entry["attempts"] == EXPECTED[key][4]
+
+
+def _exported_failures(cli: Cli, out: Path) -> dict:
+    cli("export", "--out", str(out))
+    return json.loads((out / "audio_fail.json").read_text())
