@@ -243,13 +243,27 @@ def _store_one(conn: Connection, outcome: Outcome, *, worker_id: str, now: float
         )
 
 
-def renew_leases(engine: Engine, *, worker_id: str, now: float, lease_s: float) -> int:
-    """Heartbeat: a job is never reclaimed while the worker holding it is alive."""
-    stmt = (
-        update(jobs)
-        .where(jobs.c.status == Status.RUNNING.value, jobs.c.worker_id == worker_id)
-        .values(lease_expires_at=now + lease_s)
-    )
+def renew_leases(
+    engine: Engine,
+    *,
+    worker_id: str,
+    now: float,
+    lease_s: float,
+    job_ids: Iterable[int] | None = None,
+) -> int:
+    """Heartbeat: a job is never reclaimed while the worker holding it is alive.
+
+    `job_ids`: renew only these (the daemon passes what it is working on), so a
+    claim whose reply was lost to a database error, held but unknown to us,
+    expires and is reaped instead of being held for as long as we live.
+    """
+    ours = [jobs.c.status == Status.RUNNING.value, jobs.c.worker_id == worker_id]
+    if job_ids is not None:
+        ids = list(job_ids)
+        if not ids:
+            return 0
+        ours.append(jobs.c.id.in_(ids))
+    stmt = update(jobs).where(*ours).values(lease_expires_at=now + lease_s)
     with engine.begin() as conn:
         return conn.execute(stmt).rowcount
 

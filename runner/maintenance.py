@@ -103,5 +103,12 @@ def reap(
     return requeued, failed
 
 
-def heartbeat(engine: Engine, *, worker_id: str, now: float, lease_s: float) -> int:
-    return jobs.renew_leases(engine, worker_id=worker_id, now=now, lease_s=lease_s)
+def heartbeat(
+    engine: Engine,
+    *,
+    worker_id: str,
+    now: float,
+    lease_s: float,
+    job_ids: Iterable[int] | None = None,
+) -> int:
+    return jobs.renew_leases(engine, worker_id=worker_id, now=now, lease_s=lease_s, job_ids=job_ids)

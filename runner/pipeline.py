@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import numpy as np
+import sqlalchemy.exc
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from sqlalchemy import Engine
 
@@ -57,6 +58,9 @@ if TYPE_CHECKING:
     from runner.api import ApiConfig
 
 log = logging.getLogger(__name__)
+
+#: waits between tries of a database call that failed with OperationalError
+DB_RETRY_DELAYS_S = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0)
 
 
 def _default_decoders() -> int:
@@ -189,8 +193,28 @@ class Daemon:
     # --- outcomes ----------------------------------------------------------------
 
     async def _in_db(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run `fn` on the database thread; ride out a database that is briefly gone.
+
+        A PostgreSQL failover or a dropped connection raises OperationalError; the
+        daemon retries with backoff for about a minute and a half (within the
+        default lease) before it lets the error stop it.  Retrying is safe: every
+        state change is guarded, so a repeat of one that did commit matches no row
+        and is reported as no longer ours.
+        """
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._db, lambda: fn(*args, **kwargs))
+        for attempt in itertools.count():
+            try:
+                return await loop.run_in_executor(self._db, lambda: fn(*args, **kwargs))
+            except sqlalchemy.exc.OperationalError as exc:
+                if attempt >= len(DB_RETRY_DELAYS_S):
+                    raise
+                delay_s = DB_RETRY_DELAYS_S[attempt]
+                reason = str(exc.orig or exc).splitlines()[0]
+                log.warning(
+                    "database error in %s: %s; retrying in %g s", fn.__name__, reason, delay_s
+                )
+                await asyncio.sleep(delay_s)
+        raise AssertionError("unreachable")
 
     def _finish(self, tracked: _Tracked, outcome: jobs.Outcome) -> None:
         tracked.ended = True
@@ -476,6 +500,7 @@ class Daemon:
             worker_id=self.worker_id,
             now=time.time(),
             lease_s=self.config.lease_s,
+            job_ids=[job_id for job_id in self.inflight if job_id > 0],
         )
 
     async def _reap(self) -> None:

@@ -3,6 +3,7 @@ fixed `now`: nothing here sleeps."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 import subprocess
 import sys
@@ -11,9 +12,10 @@ from email.utils import formatdate
 from pathlib import Path
 
 import pytest
+import sqlalchemy.exc
 from sqlalchemy import Engine, select
 
-from runner import jobs, maintenance
+from runner import jobs, maintenance, pipeline
 from runner.db import connect
 from runner.models import jobs as jobs_table
 from runner.retry import RetryPolicy, parse_retry_after
@@ -116,6 +118,41 @@ def test_heartbeat_renews_only_its_own_jobs(engine: Engine) -> None:
     claim_all(engine, REMOTE)
     assert maintenance.heartbeat(engine, worker_id="other:1:x", now=NOW + 50, lease_s=60) == 0
     assert maintenance.reap(engine, now=NOW + LEASE_S + 1, max_attempts=5) == (4, 0)
+
+
+def test_heartbeat_of_the_jobs_in_hand_lets_a_lost_claim_expire(engine: Engine) -> None:
+    """A claim whose reply the daemon never got (a database error after the commit)
+    is held by a live worker that does not know it: it must expire, not be renewed."""
+    me = maintenance.new_worker_id()
+    claimed = claim_all(engine, me)
+    in_hand = [job.id for job in claimed[:3]]
+    now = NOW + LEASE_S / 2
+    assert (
+        maintenance.heartbeat(engine, worker_id=me, now=now, lease_s=LEASE_S, job_ids=in_hand) == 3
+    )
+    assert maintenance.heartbeat(engine, worker_id=me, now=now, lease_s=LEASE_S, job_ids=[]) == 0
+    assert maintenance.reap(engine, now=NOW + LEASE_S + 1, max_attempts=5) == (1, 0)
+    assert sorted(statuses(engine).values()) == ["pending", "running", "running", "running"]
+
+
+def test_daemon_rides_out_a_database_that_is_briefly_gone(
+    engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """OperationalError (failover, dropped connection) is retried with backoff, then
+    raised if it lasts; the retried call runs against the real database."""
+    monkeypatch.setattr(pipeline, "DB_RETRY_DELAYS_S", (0.01, 0.01))
+    daemon = pipeline.Daemon(engine, pipeline.DaemonConfig(model_id="unused", workdir=tmp_path))
+    failures = iter([True, True])
+
+    def count_pending_after_outage(engine: Engine) -> int:
+        if next(failures, False):
+            raise sqlalchemy.exc.OperationalError("SELECT 1", {}, Exception("server closed"))
+        return jobs.count_pending(engine)
+
+    assert asyncio.run(daemon._in_db(count_pending_after_outage, engine)) == 4
+    failures = iter([True, True, True])
+    with pytest.raises(sqlalchemy.exc.OperationalError):
+        asyncio.run(daemon._in_db(count_pending_after_outage, engine))
 
 
 def test_dead_local_worker_is_reaped_before_its_lease_ends(engine: Engine) -> None:
