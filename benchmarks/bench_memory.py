@@ -10,7 +10,7 @@ fills whole batches, so what a batch's activations cost shows up there already a
 is not mistaken for the cost of a long track.
 
     python benchmarks/bench_memory.py [--model tiny|large|PATH] [--hours 2] [--device cpu]
-        [--batch-seconds 120] [--skip-whole-track]
+        [--batch-seconds S] [--skip-whole-track]
 """
 
 from __future__ import annotations
