@@ -161,6 +161,18 @@ def complete(conn: Connection, job_id: int, result: Result, *, worker_id: str, n
     _guarded(conn, stmt, "complete", job_id)
 
 
+#: the attempt counted at the claim, given back: the job never really ran, or we cut it
+_ATTEMPT_GIVEN_BACK = case((jobs.c.attempts > 0, jobs.c.attempts - 1), else_=0)
+
+
+def _failure_values(failure: Failure) -> dict[str, Any]:
+    return {
+        "error": failure.message,
+        "error_class": failure.error_class,
+        "http_status": failure.http_status,
+    }
+
+
 def fail(conn: Connection, job_id: int, failure: Failure, *, worker_id: str, now: float) -> None:
     stmt = (
         update(jobs)
@@ -169,9 +181,7 @@ def fail(conn: Connection, job_id: int, failure: Failure, *, worker_id: str, now
             status=Status.FAILED.value,
             finished_at=now,
             lease_expires_at=None,
-            error=failure.message,
-            error_class=failure.error_class,
-            http_status=failure.http_status,
+            **_failure_values(failure),
         )
     )
     _guarded(conn, stmt, "fail", job_id)
@@ -187,9 +197,7 @@ def retry_later(
     uncounted: bool = False,
 ) -> None:
     """Back to pending until `not_before`, keeping the error as the last one seen."""
-    attempts = (
-        case((jobs.c.attempts > 0, jobs.c.attempts - 1), else_=0) if uncounted else jobs.c.attempts
-    )
+    attempts = _ATTEMPT_GIVEN_BACK if uncounted else jobs.c.attempts
     stmt = (
         update(jobs)
         .where(*_ours(job_id, worker_id))
@@ -199,9 +207,7 @@ def retry_later(
             attempts=attempts,
             worker_id=None,
             lease_expires_at=None,
-            error=failure.message,
-            error_class=failure.error_class,
-            http_status=failure.http_status,
+            **_failure_values(failure),
         )
     )
     _guarded(conn, stmt, "reschedule", job_id)
@@ -243,6 +249,16 @@ def _store_one(conn: Connection, outcome: Outcome, *, worker_id: str, now: float
         )
 
 
+def _held_by(worker_id: str, job_ids: Iterable[int] | None) -> list[Any] | None:
+    """WHERE terms for the running jobs `worker_id` holds (only `job_ids`, if given);
+    None when `job_ids` is empty, so the caller can skip the statement."""
+    held = [jobs.c.status == Status.RUNNING.value, jobs.c.worker_id == worker_id]
+    if job_ids is None:
+        return held
+    ids = list(job_ids)
+    return [*held, jobs.c.id.in_(ids)] if ids else None
+
+
 def renew_leases(
     engine: Engine,
     *,
@@ -257,13 +273,10 @@ def renew_leases(
     claim whose reply was lost to a database error, held but unknown to us,
     expires and is reaped instead of being held for as long as we live.
     """
-    ours = [jobs.c.status == Status.RUNNING.value, jobs.c.worker_id == worker_id]
-    if job_ids is not None:
-        ids = list(job_ids)
-        if not ids:
-            return 0
-        ours.append(jobs.c.id.in_(ids))
-    stmt = update(jobs).where(*ours).values(lease_expires_at=now + lease_s)
+    held = _held_by(worker_id, job_ids)
+    if held is None:
+        return 0
+    stmt = update(jobs).where(*held).values(lease_expires_at=now + lease_s)
     with engine.begin() as conn:
         return conn.execute(stmt).rowcount
 
@@ -276,18 +289,15 @@ def release(engine: Engine, job_ids: Iterable[int] | None, *, worker_id: str) ->
     daemon never learnt which jobs it took) is not stranded.  The interrupted
     attempt was our doing, not the video's, so it is not counted.
     """
-    ours = [jobs.c.status == Status.RUNNING.value, jobs.c.worker_id == worker_id]
-    if job_ids is not None:
-        ids = list(job_ids)
-        if not ids:
-            return 0
-        ours.append(jobs.c.id.in_(ids))
+    held = _held_by(worker_id, job_ids)
+    if held is None:
+        return 0
     stmt = (
         update(jobs)
-        .where(*ours)
+        .where(*held)
         .values(
             status=Status.PENDING.value,
-            attempts=case((jobs.c.attempts > 0, jobs.c.attempts - 1), else_=0),
+            attempts=_ATTEMPT_GIVEN_BACK,
             worker_id=None,
             claimed_at=None,
             lease_expires_at=None,
