@@ -202,19 +202,16 @@ class Daemon:
         and is reported as no longer ours.
         """
         loop = asyncio.get_running_loop()
-        for attempt in itertools.count():
+        for delay_s in DB_RETRY_DELAYS_S:
             try:
                 return await loop.run_in_executor(self._db, lambda: fn(*args, **kwargs))
             except sqlalchemy.exc.OperationalError as exc:
-                if attempt >= len(DB_RETRY_DELAYS_S):
-                    raise
-                delay_s = DB_RETRY_DELAYS_S[attempt]
                 reason = str(exc.orig or exc).splitlines()[0]
                 log.warning(
                     "database error in %s: %s; retrying in %g s", fn.__name__, reason, delay_s
                 )
                 await asyncio.sleep(delay_s)
-        raise AssertionError("unreachable")
+        return await loop.run_in_executor(self._db, lambda: fn(*args, **kwargs))
 
     def _finish(self, tracked: _Tracked, outcome: jobs.Outcome) -> None:
         tracked.ended = True

@@ -60,7 +60,14 @@ def finished_by(outcomes: list[Outcome]) -> tuple[int, float]:
 
 
 def progress_line(counts: dict[Status, int], videos_per_s: float, audio_s_per_s: float) -> str:
-    """'done 10, failed 2, pending 30, running 4 | 0.50 videos/s, 9.0 audio-h/h | eta 1m 08s'."""
+    """'pending 30, running 4, done 10, failed 2 | 0.50 videos/s, 9.0 audio-h/h | eta 1m 08s'."""
+    return " | ".join(_progress_parts(counts, videos_per_s, audio_s_per_s))
+
+
+def _progress_parts(
+    counts: dict[Status, int], videos_per_s: float, audio_s_per_s: float
+) -> tuple[str, str]:
+    """(the counts, the speed and ETA): the bar shows them on either side of itself."""
     states = ", ".join(f"{s.value} {counts.get(s, 0)}" for s in Status)
     remaining = counts.get(Status.PENDING, 0) + counts.get(Status.RUNNING, 0)
     if remaining == 0:
@@ -70,7 +77,7 @@ def progress_line(counts: dict[Status, int], videos_per_s: float, audio_s_per_s:
     else:
         eta = "unknown"
     # audio-seconds per second is audio-hours per hour: the same ratio, easier to read
-    return f"{states} | {videos_per_s:.2f} videos/s, {audio_s_per_s:.1f} audio-h/h | eta {eta}"
+    return states, f"{videos_per_s:.2f} videos/s, {audio_s_per_s:.1f} audio-h/h | eta {eta}"
 
 
 class Progress:
@@ -94,15 +101,15 @@ class Progress:
         self.rate.add(now, *finished_by(outcomes))
 
     def show(self, counts: dict[Status, int], *, now: float) -> str:
-        videos_per_s, audio_s_per_s = self.rate.per_s(now)
-        line = progress_line(counts, videos_per_s, audio_s_per_s)
+        states, speed = _progress_parts(counts, *self.rate.per_s(now))
+        line = f"{states} | {speed}"
         if self._bar is None:
             log.info("progress: %s", line)
             return line
         self._bar.total = sum(counts.values())
         self._bar.n = counts.get(Status.DONE, 0) + counts.get(Status.FAILED, 0)
-        self._bar.set_postfix_str(line.split(" | ", 1)[1], refresh=False)
-        self._bar.set_description_str(line.split(" | ", 1)[0], refresh=False)
+        self._bar.set_postfix_str(speed, refresh=False)
+        self._bar.set_description_str(states, refresh=False)
         self._bar.refresh()
         return line
 
