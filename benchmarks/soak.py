@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 
+from tests.argv import daemon_args, runner_process
 from tests.hitserver import HitServer, killed_at_exit, make_corpus, serving
 
 LEASE_S = 600
@@ -114,7 +115,7 @@ def _counts(db_path: Path) -> dict[str, int]:
 
 
 def runner_argv(db_path: Path, *args: str) -> list[str]:
-    return [sys.executable, "-m", "runner.cli", "--db", f"sqlite:///{db_path}", *args]
+    return runner_process(f"sqlite:///{db_path}", *args)
 
 
 def _start_daemon(
@@ -122,14 +123,7 @@ def _start_daemon(
 ) -> subprocess.Popen:
     argv = runner_argv(
         db_path,
-        "daemon",
-        "--until-done",
-        "--model",
-        str(model),
-        "--device",
-        "cpu",
-        "--workdir",
-        str(workdir),
+        *daemon_args(model, workdir, "--until-done"),
         "--downloads",
         "2",
         "--decoders",

@@ -27,6 +27,7 @@ from runner.db import connect
 from runner.download import DownloadLimits
 from runner.pipeline import Daemon, DaemonConfig
 from runner.retry import RetryPolicy
+from tests.threaded_server import serve_in_thread
 
 TOKEN = "test-token-0123456789"
 #: the tests' media and redirect servers listen here; every other private address is refused
@@ -183,30 +184,5 @@ def _helper_app(server: HelperServer) -> web.Application:
 @contextmanager
 def run_helper_server() -> Iterator[HelperServer]:
     server = HelperServer()
-    loop = asyncio.new_event_loop()
-    ready = threading.Event()
-    box: dict[str, web.AppRunner] = {}
-
-    async def start() -> None:
-        app_runner = web.AppRunner(_helper_app(server), access_log=None, shutdown_timeout=1.0)
-        await app_runner.setup()
-        await web.TCPSite(app_runner, "127.0.0.1", 0).start()
-        server.base_url = f"http://127.0.0.1:{app_runner.addresses[0][1]}"
-        box["runner"] = app_runner
-        ready.set()
-
-    def serve() -> None:
-        asyncio.set_event_loop(loop)
-        loop.run_until_complete(start())
-        loop.run_forever()
-        loop.run_until_complete(box["runner"].cleanup())
-        loop.close()
-
-    thread = threading.Thread(target=serve, name="helper-server", daemon=True)
-    thread.start()
-    assert ready.wait(10)
-    try:
+    with serve_in_thread(_helper_app(server), name="helper-server") as server.base_url:
         yield server
-    finally:
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)

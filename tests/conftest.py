@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import json
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +13,7 @@ from aiohttp import web
 from click.testing import CliRunner, Result
 
 from runner.cli import main
+from tests.threaded_server import serve_in_thread
 
 TINY_HIDDEN = 32
 
@@ -151,33 +150,8 @@ def _media_app(server: MediaServer) -> web.Application:
 @pytest.fixture(scope="session")
 def server(media_dir: Path) -> Iterator[MediaServer]:
     srv = MediaServer(root=media_dir)
-    loop = asyncio.new_event_loop()
-    ready = threading.Event()
-    runner_box: dict = {}
-
-    async def start() -> None:
-        app_runner = web.AppRunner(_media_app(srv), access_log=None)
-        await app_runner.setup()
-        site = web.TCPSite(app_runner, "127.0.0.1", 0)
-        await site.start()
-        port = app_runner.addresses[0][1]
-        srv.base_url = f"http://127.0.0.1:{port}"
-        runner_box["runner"] = app_runner
-        ready.set()
-
-    def serve() -> None:
-        asyncio.set_event_loop(loop)
-        loop.run_until_complete(start())
-        loop.run_forever()
-        loop.run_until_complete(runner_box["runner"].cleanup())
-        loop.close()
-
-    thread = threading.Thread(target=serve, name="media-server", daemon=True)
-    thread.start()
-    assert ready.wait(10), "media server did not start"
-    yield srv
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(10)
+    with serve_in_thread(_media_app(srv), name="media-server") as srv.base_url:
+        yield srv
 
 
 @pytest.fixture

@@ -13,13 +13,13 @@ import asyncio
 import collections
 import contextlib
 import subprocess
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 from aiohttp import web
 
 from tests import media
+from tests.threaded_server import serve_in_thread
 
 #: suffix -> (maker in tests/media.py, content type); cycled through by make_corpus
 FORMATS = {
@@ -64,8 +64,6 @@ class HitServer:
         self.hold = False
         self.hits: collections.Counter[str] = collections.Counter()
         self.base_url = ""
-        self._loop = asyncio.new_event_loop()
-        self._thread: threading.Thread | None = None
 
     def url(self, name: str) -> str:
         return f"{self.base_url}/v/{name}"
@@ -97,46 +95,17 @@ class HitServer:
             await response.write_eof()
         return response
 
-    def start(self) -> HitServer:
-        ready = threading.Event()
-        box: dict[str, web.AppRunner] = {}
-
-        async def start() -> None:
-            app = web.Application()
-            app.router.add_get("/v/{name}", self._serve_file)
-            box["runner"] = runner = web.AppRunner(app, access_log=None, shutdown_timeout=1)
-            await runner.setup()
-            await web.TCPSite(runner, self.host, 0).start()
-            self.base_url = f"http://{self.host}:{runner.addresses[0][1]}"
-            ready.set()
-
-        def serve() -> None:
-            asyncio.set_event_loop(self._loop)
-            self._loop.run_until_complete(start())
-            self._loop.run_forever()
-            self._loop.run_until_complete(box["runner"].cleanup())
-            self._loop.close()
-
-        self._thread = threading.Thread(target=serve, name="hit-server", daemon=True)
-        self._thread.start()
-        if not ready.wait(10):
-            raise RuntimeError("hit server did not start")
-        return self
-
-    def stop(self) -> None:
-        if self._thread is not None:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(10)
-            self._thread = None
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/v/{name}", self._serve_file)
+        return app
 
 
 @contextlib.contextmanager
 def serving(files: dict[str, Path], *, host: str = "127.0.0.1") -> Iterator[HitServer]:
-    server = HitServer(files, host=host).start()
-    try:
+    server = HitServer(files, host=host)
+    with serve_in_thread(server.app(), name="hit-server", host=host) as server.base_url:
         yield server
-    finally:
-        server.stop()
 
 
 @contextlib.contextmanager

@@ -15,6 +15,7 @@ from sqlalchemy import Engine, select
 
 from runner.db import connect
 from runner.models import jobs
+from tests.argv import daemon_args
 from tests.conftest import TINY_HIDDEN, Cli, MediaServer, write_catalogue
 from tests.test_cli import one_line_error
 from tests.test_export_formats import add_jobs, finish
@@ -329,16 +330,7 @@ def test_daemon_computes_only_what_was_not_adopted(
         ),
     )
     hits_before = server.hits["/media/stereo.mp4"]
-    cli(
-        "daemon",
-        "--model",
-        str(tiny_model),
-        "--device",
-        "cpu",
-        "--until-done",
-        "--workdir",
-        str(tmp_path / "work"),
-    )
+    cli(*daemon_args(tiny_model, tmp_path / "work", "--until-done"))
     assert server.hits["/media/stereo.mp4"] == hits_before
     assert server.hits["/media/song.mp3"] >= 1
     out = tmp_path / "out"

@@ -7,12 +7,12 @@ import os
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
+from tests.argv import daemon_args, runner_process
 from tests.conftest import Cli, MediaServer, write_catalogue
 
 MIX = ["long.mp4", "stereo.mp4", "song.mp3", "clip.webm", "surround.mp4", "voice.m4a"]
@@ -25,18 +25,8 @@ def corpus(server: MediaServer, n: int) -> dict:
 def start_daemon(db_url: str, model: Path, workdir: Path, *extra: str) -> subprocess.Popen:
     """The daemon in its own process; its log goes to workdir/../daemon.log."""
     argv = [
-        sys.executable,
-        "-m",
-        "runner.cli",
-        "--db",
-        db_url,
-        "daemon",
-        "--model",
-        str(model),
-        "--device",
-        "cpu",
-        "--workdir",
-        str(workdir),
+        *runner_process(db_url),
+        *daemon_args(model, workdir),
         "--downloads",
         "2",
         "--decoders",
@@ -83,14 +73,7 @@ def test_sigkill_midway_then_restart_loses_nothing(
     reference = Cli(f"sqlite:///{tmp_path / 'reference.db'}")
     reference("import", str(catalogue))
     reference(
-        "daemon",
-        "--model",
-        str(tiny_model),
-        "--device",
-        "cpu",
-        "--until-done",
-        "--workdir",
-        str(tmp_path / "work-ref"),
+        *daemon_args(tiny_model, tmp_path / "work-ref", "--until-done"),
         "--batch-seconds",
         "30",
     )

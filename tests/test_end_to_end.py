@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.argv import daemon_args
 from tests.conftest import GOOD_MEDIA, TINY_HIDDEN, Cli, MediaServer, write_catalogue
 
 EXPECTED_CHANNELS = {
@@ -47,14 +48,7 @@ def catalogue(server: MediaServer) -> dict:
 def run_all(cli: Cli, tmp_path: Path, model: Path, records: dict, *extra: str) -> Path:
     cli("import", str(write_catalogue(tmp_path / "all_videos.json", records)))
     cli(
-        "daemon",
-        "--model",
-        str(model),
-        "--device",
-        "cpu",
-        "--until-done",
-        "--workdir",
-        str(tmp_path / "work"),
+        *daemon_args(model, tmp_path / "work", "--until-done"),
         "--batch-seconds",
         "40",
         "--retry-base-s",
@@ -124,16 +118,7 @@ def test_same_audio_same_vector_and_rerun_changes_nothing(
     assert np.abs(np.subtract(vectors["a"][0], vectors["b"][0])).max() > 1e-2
 
     hits_before = sum(server.hits.values())
-    cli(
-        "daemon",
-        "--model",
-        str(tiny_model),
-        "--device",
-        "cpu",
-        "--until-done",
-        "--workdir",
-        str(tmp_path / "work"),
-    )
+    cli(*daemon_args(tiny_model, tmp_path / "work", "--until-done"))
     assert sum(server.hits.values()) == hits_before  # done work is never redone
 
 
@@ -149,16 +134,7 @@ def test_export_merge_keeps_unknown_keys(
         "import",
         str(write_catalogue(tmp_path / "c.json", {"a": {"url": server.url("media/song.mp3")}})),
     )
-    cli(
-        "daemon",
-        "--model",
-        str(tiny_model),
-        "--device",
-        "cpu",
-        "--until-done",
-        "--workdir",
-        str(tmp_path / "work"),
-    )
+    cli(*daemon_args(tiny_model, tmp_path / "work", "--until-done"))
     cli("export", "--out", str(out), "--merge")
     vectors, process, fail = load(out)
     assert set(vectors) == {"a", "old"} and vectors["old"] == [[0.5, 0.25]]

@@ -14,7 +14,6 @@ import collections
 import contextlib
 import json
 import sqlite3
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +24,7 @@ from aiohttp import web
 from tests.conftest import Cli, MediaServer, write_catalogue
 from tests.hitserver import killed_at_exit
 from tests.test_crash import start_daemon
+from tests.threaded_server import serve_in_thread
 
 MAX_BYTES = 1_000_000
 READ_TIMEOUT_S = 0.5
@@ -40,7 +40,6 @@ class HostileServer:
         self.media = media
         self.hits: dict[str, list[float]] = collections.defaultdict(list)
         self.base_url = ""
-        self._loop = asyncio.new_event_loop()
         self._closing = False
 
     def url(self, path: str) -> str:
@@ -121,32 +120,12 @@ class HostileServer:
 
     @contextlib.contextmanager
     def running(self) -> Iterator[HostileServer]:
-        ready = threading.Event()
-        box: dict[str, web.AppRunner] = {}
-
-        async def start() -> None:
-            box["runner"] = runner = web.AppRunner(self.app(), access_log=None, shutdown_timeout=1)
-            await runner.setup()
-            await web.TCPSite(runner, "127.0.0.2", 0).start()
-            self.base_url = f"http://127.0.0.2:{runner.addresses[0][1]}"
-            ready.set()
-
-        def serve() -> None:
-            asyncio.set_event_loop(self._loop)
-            self._loop.run_until_complete(start())
-            self._loop.run_forever()
-            self._loop.run_until_complete(box["runner"].cleanup())
-            self._loop.close()
-
-        thread = threading.Thread(target=serve, name="hostile-server", daemon=True)
-        thread.start()
-        assert ready.wait(10), "hostile server did not start"
-        try:
-            yield self
-        finally:
-            self._closing = True
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            thread.join(10)
+        with serve_in_thread(self.app(), name="hostile-server", host="127.0.0.2") as url:
+            self.base_url = url
+            try:
+                yield self
+            finally:
+                self._closing = True  # lets the endless and silent handlers return
 
 
 @pytest.fixture

@@ -15,7 +15,6 @@ import os
 import resource
 import sqlite3
 import subprocess
-import sys
 import time
 from contextlib import closing
 from pathlib import Path
@@ -23,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from tests import media
+from tests.argv import daemon_args, runner_process
 from tests.conftest import TINY_HIDDEN, Cli, MediaServer, write_catalogue
 
 LONG_S = 7200.0
@@ -62,19 +62,8 @@ def run_daemon(tmp_path: Path, model: Path, url: str, name: str) -> int:
     db_url = f"sqlite:///{tmp_path / name}.db"
     Cli(db_url)("import", str(write_catalogue(tmp_path / f"{name}.json", {name: {"url": url}})))
     argv = [
-        sys.executable,
-        "-m",
-        "runner.cli",
-        "--db",
-        db_url,
-        "daemon",
-        "--model",
-        str(model),
-        "--device",
-        "cpu",
-        "--until-done",
-        "--workdir",
-        str(tmp_path / f"work-{name}"),
+        *runner_process(db_url),
+        *daemon_args(model, tmp_path / f"work-{name}", "--until-done"),
     ]
     log_path = tmp_path / f"{name}.log"
     with log_path.open("w") as log:

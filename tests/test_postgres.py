@@ -18,6 +18,7 @@ from sqlalchemy import Engine, func, insert, select, text
 from runner import jobs
 from runner.db import connect, make_engine
 from runner.models import jobs as jobs_table
+from tests.argv import daemon_args
 from tests.conftest import Cli, MediaServer, write_catalogue
 from tests.postgres import free_port
 
@@ -156,14 +157,7 @@ def run(cli: Cli, tmp_path: Path, model: Path, records: dict) -> Path:
     line = cli("import", str(write_catalogue(tmp_path / "all_videos.json", records))).stdout
     assert line.strip() == "inserted 0, updated 1, unchanged 4, invalid 1", line
     cli(
-        "daemon",
-        "--model",
-        str(model),
-        "--device",
-        "cpu",
-        "--until-done",
-        "--workdir",
-        str(tmp_path / "work"),
+        *daemon_args(model, tmp_path / "work", "--until-done"),
         "--batch-seconds",
         "30",
         "--max-attempts",

@@ -8,12 +8,12 @@ hit per path on the media server).
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 from sqlalchemy import text
 
 from runner.db import make_engine
+from tests.argv import daemon_args, runner_process
 from tests.conftest import Cli, MediaServer, write_catalogue
 
 N_JOBS = 50
@@ -39,19 +39,8 @@ def scale_corpus(server: MediaServer) -> dict[str, dict[str, str]]:
 def start_daemon(db_url: str, model: Path, home: Path) -> subprocess.Popen:
     home.mkdir()
     argv = [
-        sys.executable,
-        "-m",
-        "runner.cli",
-        "--db",
-        db_url,
-        "daemon",
-        "--until-done",
-        "--model",
-        str(model),
-        "--device",
-        "cpu",
-        "--workdir",
-        str(home / "work"),
+        *runner_process(db_url),
+        *daemon_args(model, home / "work", "--until-done"),
         # a small window per daemon, so the 50 jobs are spread over all three
         "--downloads",
         "1",

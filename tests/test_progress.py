@@ -11,6 +11,7 @@ import pytest
 
 from runner.jobs import Failure, Outcome, Result, Status
 from runner.progress import Progress, SlidingRate, finished_by, progress_line
+from tests.argv import daemon_args
 from tests.conftest import Cli, MediaServer, write_catalogue
 
 COUNTS = {Status.PENDING: 30, Status.RUNNING: 4, Status.DONE: 10, Status.FAILED: 2}
@@ -81,17 +82,14 @@ def test_daemon_logs_progress_periodically(
     cli("import", str(write_catalogue(tmp_path / "all.json", records)))
     with caplog.at_level(logging.INFO, logger="runner.progress"):
         cli(
-            "daemon",
-            "--model",
-            str(tiny_model),
-            "--device",
-            "cpu",
-            "--until-done",
-            "--no-progress",
-            "--log-every-s",
-            "0.1",
-            "--workdir",
-            str(tmp_path / "work"),
+            *daemon_args(
+                tiny_model,
+                tmp_path / "work",
+                "--until-done",
+                "--no-progress",
+                "--log-every-s",
+                "0.1",
+            ),
         )
     lines = [m for m in caplog.messages if m.startswith("progress: ")]
     assert lines, "no progress line was logged"
