@@ -45,6 +45,7 @@ from runner.errors import (
     UrlRefusedError,
 )
 from runner.models import jobs as jobs_table
+from runner.progress import read_counts
 from runner.status import read_status
 
 if TYPE_CHECKING:
@@ -221,17 +222,11 @@ async def status(request: web.Request) -> web.Response:
     return web.json_response(report)
 
 
-def _jobs_by_state(engine: Engine) -> dict[str, int]:
-    with engine.connect() as conn:
-        conn = conn.execution_options(**{READ_ONLY: True})
-        with conn.begin():
-            return {state.value: n for state, n in jobs.count_by_status(conn).items()}
-
-
 @routes.get("/metrics")
 async def metrics(request: web.Request) -> web.Response:
     daemon = _daemon(request)
-    by_state = await _in_thread(_jobs_by_state, daemon.engine)
+    counts = await _in_thread(read_counts, daemon.engine)
+    by_state = {state.value: n for state, n in counts.items()}
     text = daemon.metrics.render(jobs_by_state=by_state, queues=daemon.queue_depths())
     return web.Response(text=text, content_type="text/plain", charset="utf-8")
 
