@@ -49,6 +49,12 @@ jobs = Table(
     # unix seconds before which a pending job must not be claimed (retry backoff)
     Column("not_before", Float, nullable=True),
     Column("note", Text, nullable=True),
+    # every claim bumps it: (id, worker_id, claims) names one attempt, fencing its writes
+    Column("claims", Integer, nullable=False, server_default="0"),
+    # when the attempt's download started, the moment its try is charged to `attempts`
+    Column("started_at", Float, nullable=True),
+    # the URL's host (runner/urls.py), so a claim can skip hosts in backoff
+    Column("host", Text, nullable=True),
     Index("ix_jobs_status_id", "status", "id"),
     Index("ix_jobs_finished_at", "finished_at"),
 )
