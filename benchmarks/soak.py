@@ -164,8 +164,9 @@ def reference_vectors(
 ) -> dict[str, np.ndarray]:
     """The same catalogue through one uninterrupted in-process daemon."""
     from runner.catalogue import CatalogueFormat, import_catalogue
+    from runner.config import DaemonConfig
+    from runner.daemon import Daemon
     from runner.db import connect
-    from runner.pipeline import Daemon, DaemonConfig
 
     db_path = work / "reference.db"
     engine = connect(f"sqlite:///{db_path}")

@@ -26,13 +26,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import aiohttp
 import ijson
 import numpy as np
 from aiohttp import web
 from sqlalchemy import Engine, select
 from yarl import URL
 
-from runner import jobs
+from runner import catalogue, jobs
 from runner.catalogue import BATCH_RECORDS, CatalogueFormat, Rejected, iter_records, url_problem
 from runner.db import READ_ONLY
 from runner.download import IPNetwork, UrlGuard, make_session
@@ -42,14 +43,17 @@ from runner.errors import (
     DownloadTimeoutError,
     JobError,
     RunnerError,
+    Stopping,
     UrlRefusedError,
 )
+from runner.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from runner.models import jobs as jobs_table
+from runner.openapi import document
 from runner.progress import read_counts
 from runner.status import read_status
 
 if TYPE_CHECKING:
-    from runner.pipeline import Daemon
+    from runner.protocols import DaemonHandle
 
 log = logging.getLogger(__name__)
 
@@ -109,9 +113,11 @@ def check_bind(config: ApiConfig) -> None:
 
 DAEMON = web.AppKey("daemon", object)
 CONFIG = web.AppKey("config", ApiConfig)
+#: the guarded session /encode_audio fetches with; None: the daemon's own
+ADHOC_SESSION = web.AppKey("adhoc_session", aiohttp.ClientSession)
 
 
-def _daemon(request: web.Request) -> Daemon:
+def _daemon(request: web.Request) -> DaemonHandle:
     return request.app[DAEMON]  # type: ignore[return-value]
 
 
@@ -180,7 +186,7 @@ async def _errors(
     except Exception:
         log.exception("%s %s failed", request.method, request.path)
         response = _error(500, "internal error (see the daemon's log)")
-    _daemon(request).metrics.requests.inc(route=_route_name(request), code=str(response.status))
+    _daemon(request).metrics.request_answered(_route_name(request), response.status)
     return response
 
 
@@ -208,7 +214,7 @@ routes = web.RouteTableDef()
 async def healthz(request: web.Request) -> web.Response:
     daemon = _daemon(request)
     return web.json_response(
-        {"ok": True, "stopping": daemon.draining or daemon.stop.is_set()},
+        {"ok": True, "stopping": daemon.stopping},
     )
 
 
@@ -228,7 +234,7 @@ async def metrics(request: web.Request) -> web.Response:
     counts = await _in_thread(read_counts, daemon.engine)
     by_state = {state.value: n for state, n in counts.items()}
     text = daemon.metrics.render(jobs_by_state=by_state, queues=daemon.queue_depths())
-    return web.Response(text=text, content_type="text/plain", charset="utf-8")
+    return web.Response(body=text.encode(), headers={"Content-Type": METRICS_CONTENT_TYPE})
 
 
 def _job_view(row: Any) -> dict[str, Any]:
@@ -272,7 +278,7 @@ async def get_job(request: web.Request) -> web.Response:
     return web.json_response(view)
 
 
-def _parse_records(body: bytes, shape: Any) -> tuple[list[jobs.Record], Rejected]:
+def _parse_records(body: bytes, shape: Any) -> tuple[list[catalogue.Record], Rejected]:
     """The same parser and checks as `runner import`; one record object is a list of one."""
     if isinstance(shape, dict) and "key" in shape:
         body = b"[" + body + b"]"
@@ -288,11 +294,11 @@ def _parse_records(body: bytes, shape: Any) -> tuple[list[jobs.Record], Rejected
     return records, rejected
 
 
-async def _refuse_private(records: list[jobs.Record], guard: UrlGuard | None) -> None:
+async def _refuse_private(records: list[catalogue.Record], guard: UrlGuard | None) -> None:
     """Queued URLs are checked now, by address, like /encode_audio's (one look-up a host)."""
     if guard is None:
         return
-    first_by_host: dict[str, jobs.Record] = {}
+    first_by_host: dict[str, catalogue.Record] = {}
     for record in records:
         if record.url is not None and not record.invalid:
             try:
@@ -308,12 +314,14 @@ async def _refuse_private(records: list[jobs.Record], guard: UrlGuard | None) ->
             raise ApiError(403, f"job {record.key!r}: {exc}") from None
 
 
-def store_records(engine: Engine, records: list[jobs.Record]) -> jobs.ImportCounts:
+def store_records(engine: Engine, records: list[catalogue.Record]) -> catalogue.ImportCounts:
     """One transaction, batched like `runner import`."""
-    counts, now = jobs.ImportCounts(), time.time()
+    counts, now = catalogue.ImportCounts(), time.time()
     with engine.begin() as conn:
         for start in range(0, len(records), BATCH_RECORDS):
-            counts.add(jobs.upsert_records(conn, records[start : start + BATCH_RECORDS], now=now))
+            counts.add(
+                catalogue.upsert_records(conn, records[start : start + BATCH_RECORDS], now=now)
+            )
     return counts
 
 
@@ -363,8 +371,6 @@ ERROR_STATUSES: tuple[tuple[type[JobError], int], ...] = (
 
 @routes.post("/encode_audio")
 async def encode_audio(request: web.Request) -> web.Response:
-    from runner.pipeline import Stopping
-
     config = request.app[CONFIG]
     url, timeout_s = _encode_request(await _json_body(request), config)
     guard = config.url_guard()
@@ -376,8 +382,11 @@ async def encode_audio(request: web.Request) -> web.Response:
         except ValueError as exc:
             return _error(400, f"video_url: invalid url: {exc}")
     try:
-        result = await asyncio.wait_for(_daemon(request).encode_url(url), timeout_s)
-    except TimeoutError:
+        session = request.app.get(ADHOC_SESSION)
+        result = await asyncio.wait_for(
+            _daemon(request).encode_url(url, session=session), timeout_s
+        )
+    except asyncio.TimeoutError:  # the builtin TimeoutError only from Python 3.11 on
         return _error(504, f"not finished within {timeout_s:g} s")
     except Stopping as exc:
         return _error(503, str(exc))
@@ -398,24 +407,26 @@ async def encode_audio(request: web.Request) -> web.Response:
 
 @routes.get("/openapi.json")
 async def openapi(request: web.Request) -> web.Response:
-    from runner.openapi import document
-
-    return web.json_response(document(request.app[CONFIG]))
+    return web.json_response(document(secured=bool(request.app[CONFIG].token)))
 
 
 # --- app and server ----------------------------------------------------------------
 
 
-def make_app(daemon: Daemon, config: ApiConfig) -> web.Application:
+def make_app(
+    daemon: DaemonHandle, config: ApiConfig, adhoc_session: aiohttp.ClientSession | None = None
+) -> web.Application:
     app = web.Application(middlewares=[_errors, _auth], client_max_size=config.max_body_bytes)
     app[DAEMON] = daemon
     app[CONFIG] = config
+    if adhoc_session is not None:
+        app[ADHOC_SESSION] = adhoc_session
     app.add_routes(routes)
     return app
 
 
 @contextlib.asynccontextmanager
-async def serve_api(daemon: Daemon, config: ApiConfig) -> AsyncIterator[str]:
+async def serve_api(daemon: DaemonHandle, config: ApiConfig) -> AsyncIterator[str]:
     """Listen for as long as the daemon's stages run; yields the base URL.
 
     On the way out, callers still waiting on /encode_audio get a 503 at once
@@ -423,14 +434,17 @@ async def serve_api(daemon: Daemon, config: ApiConfig) -> AsyncIterator[str]:
     """
     check_bind(config)
     guard = config.url_guard()
-    if guard is not None:
-        daemon.adhoc_session = make_session(
+    session = None
+    if guard is not None:  # URLs from callers: never into this machine's networks
+        session = make_session(
             daemon.config.limits,
             connections=daemon.config.downloads,
             per_host=daemon.config.per_host,
             guard=guard,
         )
-    app_runner = web.AppRunner(make_app(daemon, config), access_log=None, shutdown_timeout=5.0)
+    app_runner = web.AppRunner(
+        make_app(daemon, config, session), access_log=None, shutdown_timeout=5.0
+    )
     await app_runner.setup()
     try:
         site = web.TCPSite(app_runner, config.host, config.port)
@@ -442,5 +456,10 @@ async def serve_api(daemon: Daemon, config: ApiConfig) -> AsyncIterator[str]:
     finally:
         daemon.abandon_adhoc("the daemon is stopping")
         await app_runner.cleanup()
-        if daemon.adhoc_session is not None:
-            await daemon.adhoc_session.close()
+        if session is not None:
+            await session.close()
+
+
+def api_service(config: ApiConfig) -> Callable[[DaemonHandle], Any]:
+    """`serve_api` as a daemon service: the CLI hands this to the daemon it builds."""
+    return lambda daemon: serve_api(daemon, config)

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from sqlalchemy import Engine
 
     from runner.api import ApiConfig
-    from runner.pipeline import DaemonConfig
+    from runner.config import DaemonConfig
 
 DEFAULT_DB = "sqlite:///runner.db"
 
@@ -322,10 +322,7 @@ def daemon(ctx: click.Context, **options: Any) -> None:
     """Claim pending jobs and embed them until stopped (or until done)."""
     if options["progress_bar"] is None:
         options["progress_bar"] = sys.stderr.isatty()
-    from runner.pipeline import run_daemon
-
-    config = _daemon_config(options)  # a bad --http fails before the database is touched
-    run_daemon(_engine(ctx), config)
+    _run_daemon(ctx, options)
 
 
 #: `daemon` options that `serve` takes too; the rest keep their defaults there
@@ -343,10 +340,21 @@ def serve(ctx: click.Context, **options: Any) -> None:
         if param.name and param.name not in options:
             options[param.name] = param.type_cast_value(ctx, param.get_default(ctx))
     options.update(claim_jobs=False, until_done=False, progress_bar=False)
-    from runner.pipeline import run_daemon
+    _run_daemon(ctx, options)
 
-    config = _daemon_config(options)  # a bad --http fails before the database is touched
-    run_daemon(_engine(ctx), config)
+
+def _run_daemon(ctx: click.Context, options: dict[str, Any]) -> None:
+    """Composes the daemon and, with --http, the HTTP API around it."""
+    from runner.daemon import run_daemon
+
+    api = _api_config(options)  # a bad --http fails before a model or the database is touched
+    config = _daemon_config(options)
+    services = []
+    if api is not None:
+        from runner.api import api_service
+
+        services.append(api_service(api))
+    run_daemon(_engine(ctx), config, services)
 
 
 serve.params.extend(param for param in daemon.params if param.name in SERVE_SHARES)
@@ -370,9 +378,9 @@ def _api_config(options: dict[str, Any]) -> ApiConfig | None:
 
 
 def _daemon_config(options: dict[str, Any]) -> DaemonConfig:
+    from runner.config import DaemonConfig
     from runner.download import DownloadLimits
     from runner.embed import DEFAULT_MODEL_ID, resolve_device, resolve_dtype
-    from runner.pipeline import DaemonConfig
     from runner.retry import RetryPolicy
 
     try:
@@ -392,7 +400,6 @@ def _daemon_config(options: dict[str, Any]) -> DaemonConfig:
     if options.get("decoders") is None:
         options.pop("decoders", None)
     options["model_id"] = options["model_id"] or DEFAULT_MODEL_ID
-    options["api"] = _api_config(options)
     return DaemonConfig(limits=limits, retry=retry, **options)
 
 

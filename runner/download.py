@@ -15,7 +15,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
@@ -28,6 +27,7 @@ from runner.errors import (
     UrlRefusedError,
 )
 from runner.retry import parse_retry_after
+from runner.urls import host_of
 
 CHUNK_BYTES = 1 << 20
 TRANSIENT_STATUSES = frozenset({408, 425, 429})
@@ -117,7 +117,7 @@ class UrlGuard:
         loop = asyncio.get_running_loop()
         try:
             infos = await asyncio.wait_for(loop.getaddrinfo(host, None), 10)
-        except (OSError, TimeoutError, UnicodeError):
+        except (OSError, asyncio.TimeoutError, UnicodeError):  # not builtin before 3.11
             return
         for info in infos:
             problem = self.address_problem(host, str(info[4][0]))
@@ -188,27 +188,29 @@ class HostGate:
     """Hosts that told us to back off (429/503), and until when.
 
     One URL's 429 is a statement about the whole host: sending its other URLs
-    meanwhile would only earn more 429s and, on some CDNs, a ban.
+    meanwhile would only earn more 429s and, on some CDNs, a ban.  The claim skips
+    the hosts named here (`blocked_hosts`), so their jobs stay pending, untouched.
     """
 
     def __init__(self) -> None:
         self._until: dict[str, float] = {}
 
-    @staticmethod
-    def host_of(url: str) -> str:
-        try:
-            return (urlsplit(url).hostname or "").lower()
-        except ValueError:  # 'Invalid IPv6 URL': the download itself will say so
-            return ""
+    host_of = staticmethod(host_of)
 
     def blocked_until(self, url: str, *, now: float) -> float | None:
-        until = self._until.get(self.host_of(url))
+        until = self._until.get(host_of(url))
         if until is None or until <= now:
             return None
         return until
 
+    def blocked_hosts(self, *, now: float) -> list[str]:
+        """Hosts in backoff at `now`; expired entries are forgotten."""
+        for host in [h for h, until in self._until.items() if until <= now]:
+            del self._until[host]
+        return sorted(self._until)
+
     def back_off(self, url: str, *, until: float) -> None:
-        host = self.host_of(url)
+        host = host_of(url)
         self._until[host] = max(until, self._until.get(host, 0.0))
 
 

@@ -179,7 +179,10 @@ def embed_audio(embedder: Embedder, windows: Sequence[np.ndarray]) -> np.ndarray
 
 @dataclass(frozen=True)
 class WindowItem:
-    job_id: int
+    """One window and what it belongs to: the daemon's `Attempt`, by reference, so a
+    window can only ever be summed into the attempt that decoded it."""
+
+    owner: Any
     samples: np.ndarray
 
 
@@ -201,6 +204,14 @@ class WindowBatcher:
     def full(self) -> bool:
         """Enough buffered to choose well; more would only hold memory."""
         return self._buffered_samples >= 2 * self.budget_samples
+
+    def shrink(self) -> bool:
+        """Halve the batch budget (the device ran out of memory); False once a batch
+        is already down to one window's worth."""
+        if self.budget_samples <= WINDOW_SAMPLES:
+            return False
+        self.budget_samples = max(WINDOW_SAMPLES, self.budget_samples // 2)
+        return True
 
     def add(self, item: WindowItem) -> None:
         self.pending.append(item)

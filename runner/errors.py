@@ -8,6 +8,14 @@ plus a message a person understands) and moves on to the next video.
 from __future__ import annotations
 
 
+class Stopping(RuntimeError):
+    """The daemon is stopping and takes no new ad-hoc work."""
+
+
+class StageFailed(RuntimeError):
+    """A stage task died; the daemon stops rather than run with a hole in the pipe."""
+
+
 class RunnerError(Exception):
     """A problem with the user's input or environment; shown as one line, exit 1."""
 
@@ -60,3 +68,9 @@ class DecodeError(JobError):
 
 class EmbedError(JobError):
     error_class = "embed"
+
+
+class EmbedOutOfMemoryError(EmbedError):
+    """The device ran out of memory on a batch: not the video's fault, worth a retry."""
+
+    transient = True

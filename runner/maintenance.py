@@ -1,4 +1,5 @@
-"""Leases and the reaper: what keeps work from being lost or done twice.
+"""Leases, the reaper and pruning: what keeps work from being lost or done twice,
+and the table from growing forever.
 
 A claim holds a lease.  The heartbeat renews the leases of everything this
 daemon holds, so a 3-hour video is never taken away while it is being worked on;
@@ -7,8 +8,9 @@ machine or another).  On this machine we need not wait for the lease: a worker
 id names its host, pid and pid namespace, and a pid that no longer exists there
 cannot renew.
 
-Both run as APScheduler interval jobs inside the daemon; the functions take
-`now`, so tests call them directly with no sleeps.
+The heartbeat and the reaper run as APScheduler interval jobs inside the daemon;
+the functions take `now`, so tests call them directly with no sleeps.  `prune_done`
+is `runner prune`'s statement (`runner.adopt.prune` adds the VACUUM around it).
 """
 
 from __future__ import annotations
@@ -21,10 +23,13 @@ import socket
 import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
-from sqlalchemy import Engine
+from sqlalchemy import Engine, update
 
-from runner import jobs
+from runner import jobs, queries
+from runner.jobs import Status
+from runner.models import jobs as jobs_table
 
 log = logging.getLogger(__name__)
 
@@ -87,10 +92,16 @@ def dead_local_workers(
 
 
 def reap(
-    engine: Engine, *, now: float, max_attempts: int, alive: Callable[[int], bool] = pid_alive
+    engine: Engine,
+    *,
+    max_attempts: int,
+    now: float | None = None,
+    alive: Callable[[int], bool] = pid_alive,
 ) -> tuple[int, int]:
-    """Requeue (or, out of attempts, fail) jobs of dead or silent workers."""
-    dead = dead_local_workers(jobs.running_workers(engine), alive=alive)
+    """Requeue (or, out of attempts, fail) jobs of dead or silent workers.
+
+    Leases are compared with the database's clock unless a test passes `now`."""
+    dead = dead_local_workers(queries.running_workers(engine), alive=alive)
     requeued, failed = jobs.requeue_abandoned(
         engine, now=now, max_attempts=max_attempts, dead_workers=dead
     )
@@ -107,8 +118,28 @@ def heartbeat(
     engine: Engine,
     *,
     worker_id: str,
-    now: float,
     lease_s: float,
-    job_ids: Iterable[int] | None = None,
-) -> int:
-    return jobs.renew_leases(engine, worker_id=worker_id, now=now, lease_s=lease_s, job_ids=job_ids)
+    held: Iterable[jobs.Job] | None = None,
+    now: float | None = None,
+) -> set[int]:
+    """Renew the leases of the attempts in `held` (None: all of `worker_id`'s);
+    returns the ids renewed."""
+    return jobs.renew_leases(engine, worker_id=worker_id, lease_s=lease_s, held=held, now=now)
+
+
+def prune_done(engine: Engine, *, before: float, keep_results: bool) -> int:
+    """`runner prune`: done jobs finished before `before`.
+
+    Without `keep_results` the rows are deleted (vector and all).  With it the
+    row and its results stay, so the key is never recomputed and still exported,
+    and only the catalogue's copy of the record (meta) is dropped.  Failed jobs
+    are never pruned: they are still to be retried or looked at.
+    """
+    finished = (jobs_table.c.status == Status.DONE.value, jobs_table.c.finished_at < before)
+    stmt: Any = (
+        update(jobs_table).where(*finished, jobs_table.c.meta.is_not(None)).values(meta=None)
+        if keep_results
+        else jobs_table.delete().where(*finished)
+    )
+    with engine.begin() as conn:
+        return int(conn.execute(stmt).rowcount)

@@ -1,199 +1,213 @@
-"""Counters and histograms of the daemon, rendered in Prometheus text format.
+"""Counters and histograms of the daemon, exposed in the Prometheus text format.
 
-Written by hand rather than with prometheus_client: a dozen series do not justify a
-dependency, and the format is a few lines of text.  Everything here is updated on
-the event-loop thread only (the stages report at their boundaries), so there is no
-locking.  Values that live elsewhere (job counts in the database, queue depths) are
-passed to `render` at scrape time instead of being copied in here.
+Built on prometheus_client so that the exposition format, escaping and thread safety
+are somebody else's tested code, and so that the standard process metrics (CPU,
+memory, file descriptors) come for free.  Each `Metrics` owns its registry instead of
+using the library's global one: tests and the two-daemons-in-one-process setups then
+never see each other's values, and registering twice never collides.
+
+Values that live elsewhere (job counts in the database, queue depths) are passed to
+`render` at scrape time and reported through a custom collector, never copied into
+gauges that would go stale between scrapes.  This module imports no other runner
+module so that every other module may import it.
 """
 
 from __future__ import annotations
 
-import math
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Mapping
+from contextvars import ContextVar
+from dataclasses import dataclass
 
-from runner import jobs
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
+from prometheus_client.core import GaugeMetricFamily, Metric
+
+__all__ = ["CONTENT_TYPE", "STAGE_BUCKETS_S", "Metrics"]
+
+#: the Content-Type header that goes with `Metrics.render`'s text
+CONTENT_TYPE: str = CONTENT_TYPE_LATEST
 
 #: seconds; downloads and decodes of whole videos, embeds of single batches
 STAGE_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.0)
 
-Labels = tuple[tuple[str, str], ...]
+_OUTCOMES = frozenset({"done", "failed", "retry"})
 
 
-def _number(value: float) -> str:
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    if float(value).is_integer() and abs(value) < 2**53:
-        return str(int(value))
-    return repr(float(value))
+@dataclass(frozen=True)
+class _Scrape:
+    """What the caller of `render` knows at scrape time."""
+
+    jobs_by_state: Mapping[str, int]
+    queues: Mapping[str, int]
 
 
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+#: set only for the duration of one `render`; a context variable rather than an
+#: attribute so that concurrent renders (threads or tasks) never see each other's values
+#: and need no lock
+_SCRAPE: ContextVar[_Scrape | None] = ContextVar("runner_metrics_scrape", default=None)
 
 
-def _labels(labels: Labels) -> str:
-    if not labels:
-        return ""
-    return "{" + ",".join(f'{name}="{_escape(value)}"' for name, value in labels) + "}"
+class _ScrapeTimeCollector:
+    """Gauges computed when scraped: jobs by state and queue depths (from `render`'s
+    arguments) and the busy ratio and uptime (from the clock)."""
+
+    def __init__(self, uptime_s: Callable[[], float], busy_ratio: Callable[[], float]) -> None:
+        self._uptime_s = uptime_s
+        self._busy_ratio = busy_ratio
+
+    def describe(self) -> Iterator[Metric]:
+        """The families without samples, so registering does not read the clock."""
+        yield from self._families(None, compute=False)
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._families(_SCRAPE.get(), compute=True)
+
+    def _families(self, scrape: _Scrape | None, *, compute: bool) -> Iterator[Metric]:
+        jobs = GaugeMetricFamily(
+            "runner_jobs", "Jobs in the database by state (all daemons).", labels=["state"]
+        )
+        queues = GaugeMetricFamily(
+            "runner_queue_depth",
+            "Items waiting in each stage queue of this process.",
+            labels=["queue"],
+        )
+        # outside `render` (a direct collect of the registry) these two have no samples
+        if scrape is not None:
+            for state, n in sorted(scrape.jobs_by_state.items()):
+                jobs.add_metric([state], n)
+            for name, n in sorted(scrape.queues.items()):
+                queues.add_metric([name], n)
+        yield jobs
+        yield queues
+        ratio = GaugeMetricFamily(
+            "runner_embed_busy_ratio",
+            "Fraction of this process's uptime the model spent embedding.",
+        )
+        uptime = GaugeMetricFamily("runner_uptime_seconds", "Seconds since this process started.")
+        if compute:
+            ratio.add_metric([], self._busy_ratio())
+            uptime.add_metric([], self._uptime_s())
+        yield ratio
+        yield uptime
 
 
-def _header(name: str, kind: str, help_text: str) -> list[str]:
-    help_escaped = help_text.replace("\\", "\\\\").replace("\n", "\\n")
-    return [f"# HELP {name} {help_escaped}", f"# TYPE {name} {kind}"]
-
-
-def _key(labels: Mapping[str, str]) -> Labels:
-    return tuple(sorted((name, str(value)) for name, value in labels.items()))
-
-
-@dataclass
-class Counter:
-    name: str
-    help: str
-    values: dict[Labels, float] = field(default_factory=dict)
-    #: a counter without labels shows 0 before its first increment
-    unlabelled: bool = True
-
-    def inc(self, amount: float = 1.0, **labels: str) -> None:
-        key = _key(labels)
-        self.values[key] = self.values.get(key, 0.0) + amount
-
-    def lines(self) -> list[str]:
-        values = self.values or ({(): 0.0} if self.unlabelled else {})
-        return _header(self.name, "counter", self.help) + [
-            f"{self.name}{_labels(key)} {_number(v)}" for key, v in sorted(values.items())
-        ]
-
-
-@dataclass
-class _Series:
-    buckets: list[int]
-    sum: float = 0.0
-    count: int = 0
-
-
-@dataclass
-class Histogram:
-    name: str
-    help: str
-    bounds: Sequence[float] = STAGE_BUCKETS_S
-    series: dict[Labels, _Series] = field(default_factory=dict)
-
-    def observe(self, value: float, **labels: str) -> None:
-        key = _key(labels)
-        series = self.series.get(key)
-        if series is None:
-            series = self.series[key] = _Series(buckets=[0] * len(self.bounds))
-        for index, bound in enumerate(self.bounds):
-            if value <= bound:
-                series.buckets[index] += 1
-        series.sum += value
-        series.count += 1
-
-    def lines(self) -> list[str]:
-        out = _header(self.name, "histogram", self.help)
-        series_by_key = self.series or {(): _Series(buckets=[0] * len(self.bounds))}
-        for key, series in sorted(series_by_key.items()):
-            for bound, n in [*zip(self.bounds, series.buckets, strict=True), (math.inf, None)]:
-                le = (*key, ("le", _number(bound)))
-                count = series.count if n is None else n
-                out.append(f"{self.name}_bucket{_labels(le)} {count}")
-            out.append(f"{self.name}_sum{_labels(key)} {_number(series.sum)}")
-            out.append(f"{self.name}_count{_labels(key)} {series.count}")
-        return out
-
-
-def gauge_lines(name: str, help_text: str, samples: Iterable[tuple[Labels, float]]) -> list[str]:
-    return _header(name, "gauge", help_text) + [
-        f"{name}{_labels(labels)} {_number(value)}" for labels, value in samples
-    ]
+def _counter_total(counter: Counter) -> float:
+    """The value of an unlabelled counter, through the public `collect`."""
+    for family in counter.collect():
+        for sample in family.samples:
+            if sample.name.endswith("_total"):
+                return sample.value
+    return 0.0
 
 
 class Metrics:
-    """What one daemon process has done since it started."""
+    """What one daemon process has done since it started.
+
+    Every update method is cheap and thread-safe (prometheus_client locks each value),
+    so the stages may report from the event loop or from worker threads, and `render`
+    may run on the same thread between updates.
+    """
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        self.clock = clock
-        self.started = clock()
-        self.finished = Counter(
+        self._clock = clock
+        self._started = clock()
+        #: this instance's own registry, so instances never share values
+        self.registry = CollectorRegistry(auto_describe=True)
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        self.registry.register(_ScrapeTimeCollector(self._uptime_s, self.busy_ratio))
+        # labelled, so no samples until the first job ends (as before the rewrite)
+        self._finished = Counter(
             "runner_jobs_finished_total",
             "Job attempts this process ended, by outcome (done, failed, retry) and error class.",
-            unlabelled=False,
+            ["outcome", "error_class"],
+            registry=self.registry,
         )
-        self.download_bytes = Counter(
-            "runner_download_bytes_total", "Bytes of media downloaded completely."
+        self._download_bytes = Counter(
+            "runner_download_bytes_total",
+            "Bytes of media downloaded completely.",
+            registry=self.registry,
         )
-        self.download_s = Histogram(
+        self._download_s = self._stage_histogram(
             "runner_download_seconds", "Wall time of each complete download."
         )
-        self.decode_s = Histogram(
+        self._decode_s = self._stage_histogram(
             "runner_decode_seconds",
             "Wall time of decoding each file (including waits for the embedder).",
         )
-        self.embed_s = Histogram("runner_embed_batch_seconds", "Model time of each batch.")
-        self.embed_busy_s = Counter(
-            "runner_embed_busy_seconds_total", "Seconds the model spent embedding batches."
+        self._embed_s = self._stage_histogram(
+            "runner_embed_batch_seconds", "Model time of each batch."
         )
-        self.requests = Counter(
+        self._embed_busy_s = Counter(
+            "runner_embed_busy_seconds_total",
+            "Seconds the model spent embedding batches.",
+            registry=self.registry,
+        )
+        self._requests = Counter(
             "runner_http_requests_total",
             "HTTP API requests answered, by route and status code.",
-            unlabelled=False,
+            ["route", "code"],
+            registry=self.registry,
         )
 
-    def job_outcome(self, outcome: jobs.Outcome) -> None:
-        if outcome.result is not None:
-            self.finished.inc(outcome="done", error_class="")
-            return
-        assert outcome.failure is not None
-        kind = "failed" if outcome.retry_at is None else "retry"
-        self.finished.inc(outcome=kind, error_class=outcome.failure.error_class)
+    def _stage_histogram(self, name: str, help_text: str) -> Histogram:
+        return Histogram(name, help_text, buckets=STAGE_BUCKETS_S, registry=self.registry)
+
+    def job_finished(self, outcome: str, error_class: str = "") -> None:
+        """One job attempt ended: "done" (with no error class), "failed" for good, or
+        "retry" later.  An unknown outcome is a programming error and raises ValueError
+        rather than inventing a series no dashboard knows."""
+        if outcome not in _OUTCOMES:
+            raise ValueError(
+                f"unknown job outcome {outcome!r}; expected one of {sorted(_OUTCOMES)}"
+            )
+        self._finished.labels(outcome=outcome, error_class=error_class).inc()
 
     def downloaded(self, size_bytes: int, seconds: float) -> None:
-        self.download_bytes.inc(size_bytes)
-        self.download_s.observe(seconds)
+        """A download completed: its size feeds the throughput, its time the histogram."""
+        self._download_bytes.inc(size_bytes)
+        self._download_s.observe(seconds)
+
+    def decoded(self, seconds: float) -> None:
+        """A file was decoded completely (the time includes waits for the embedder)."""
+        self._decode_s.observe(seconds)
 
     def embedded(self, seconds: float) -> None:
-        self.embed_s.observe(seconds)
-        self.embed_busy_s.inc(seconds)
+        """The model embedded one batch in `seconds`; also feeds the busy ratio."""
+        self._embed_s.observe(seconds)
+        self._embed_busy_s.inc(seconds)
+
+    def request_answered(self, route: str, code: int | str) -> None:
+        """The HTTP API answered a request on `route` (a route name, not the raw path,
+        to keep the label set small) with status `code`."""
+        self._requests.labels(route=route, code=str(code)).inc()
+
+    def _uptime_s(self) -> float:
+        """Seconds since this instance was created, by its clock."""
+        return self._clock() - self._started
 
     def busy_ratio(self) -> float:
-        elapsed_s = self.clock() - self.started
-        return min(1.0, self.embed_busy_s.values.get((), 0.0) / elapsed_s) if elapsed_s > 0 else 0.0
+        """Fraction of the uptime the model spent embedding, in [0, 1]: the one number
+        that says whether the GPU or the stages feeding it are the bottleneck."""
+        elapsed_s = self._uptime_s()
+        if elapsed_s <= 0:
+            return 0.0
+        return min(1.0, _counter_total(self._embed_busy_s) / elapsed_s)
 
     def render(self, *, jobs_by_state: Mapping[str, int], queues: Mapping[str, int]) -> str:
-        """The whole exposition; `jobs_by_state` comes from the database, `queues` from
-        the running stages (name -> items waiting)."""
-        lines = gauge_lines(
-            "runner_jobs",
-            "Jobs in the database by state (all daemons).",
-            [((("state", state),), n) for state, n in sorted(jobs_by_state.items())],
-        )
-        lines += gauge_lines(
-            "runner_queue_depth",
-            "Items waiting in each stage queue of this process.",
-            [((("queue", name),), n) for name, n in sorted(queues.items())],
-        )
-        lines += gauge_lines(
-            "runner_embed_busy_ratio",
-            "Fraction of this process's uptime the model spent embedding.",
-            [((), self.busy_ratio())],
-        )
-        lines += gauge_lines(
-            "runner_uptime_seconds",
-            "Seconds since this process started.",
-            [((), self.clock() - self.started)],
-        )
-        for metric in (
-            self.finished,
-            self.download_bytes,
-            self.download_s,
-            self.decode_s,
-            self.embed_s,
-            self.embed_busy_s,
-            self.requests,
-        ):
-            lines += metric.lines()
-        return "\n".join(lines) + "\n"
+        """The whole exposition, to serve with `CONTENT_TYPE`.  `jobs_by_state` comes
+        from the database (all daemons), `queues` from the running stages (name -> items
+        waiting); both are reported as given and kept nowhere after this call."""
+        token = _SCRAPE.set(_Scrape(dict(jobs_by_state), dict(queues)))
+        try:
+            return generate_latest(self.registry).decode("utf-8")
+        finally:
+            _SCRAPE.reset(token)

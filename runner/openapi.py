@@ -8,12 +8,9 @@ name the same operations.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from runner import __version__
-
-if TYPE_CHECKING:
-    from runner.api import ApiConfig
 
 
 def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
@@ -132,8 +129,8 @@ SCHEMAS: dict[str, Any] = {
 }
 
 
-def document(config: ApiConfig) -> dict[str, Any]:
-    secured = bool(config.token)
+def document(*, secured: bool) -> dict[str, Any]:
+    """The OpenAPI document; `secured`: the routes need a bearer token."""
     auth = _errors(401) if secured else {}
     paths: dict[str, Any] = {
         "/healthz": {

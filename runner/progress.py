@@ -16,8 +16,8 @@ from typing import IO, Any
 
 from sqlalchemy import Engine
 
-from runner.db import READ_ONLY
-from runner.jobs import Outcome, Status, count_by_status
+from runner.jobs import Outcome, Status
+from runner.queries import count_by_status, reading
 from runner.status import format_duration
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ def finished_by(outcomes: list[Outcome]) -> tuple[int, float]:
     """How many outcomes finish a job (a retry does not), and their audio-seconds."""
     videos, audio_s = 0, 0.0
     for outcome in outcomes:
-        if outcome.retry_at is not None:
+        if not outcome.finishes_job:
             continue
         videos += 1
         if outcome.result is not None:
@@ -120,5 +120,5 @@ class Progress:
 
 def read_counts(engine: Engine) -> dict[Status, int]:
     """Counts per state from the shared database: every daemon's work, not just ours."""
-    with engine.connect() as conn:
-        return count_by_status(conn.execution_options(**{READ_ONLY: True}))
+    with reading(engine) as conn:
+        return count_by_status(conn)

@@ -17,9 +17,11 @@ from typing import Any
 
 from sqlalchemy import Engine, case, func, or_, select
 
+from runner.adopt import ADOPTED
 from runner.db import READ_ONLY
-from runner.jobs import ADOPTED, Status, count_by_status
+from runner.jobs import Status
 from runner.models import jobs
+from runner.queries import count_by_status
 
 #: rate windows, label -> seconds; the ETA uses the first with any finished job
 WINDOWS = {"5m": 300.0, "60m": 3600.0}

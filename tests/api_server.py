@@ -22,10 +22,11 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
-from runner.api import ApiConfig
+from runner.api import ApiConfig, api_service
+from runner.config import DaemonConfig
+from runner.daemon import Daemon
 from runner.db import connect
 from runner.download import DownloadLimits
-from runner.pipeline import Daemon, DaemonConfig
 from runner.retry import RetryPolicy
 from tests.threaded_server import serve_in_thread
 
@@ -93,7 +94,7 @@ class ApiServer:
             time.sleep(0.05)
 
 
-def daemon_config(tiny_model: Path, workdir: Path, api: ApiConfig, **kwargs: Any) -> DaemonConfig:
+def daemon_config(tiny_model: Path, workdir: Path, **kwargs: Any) -> DaemonConfig:
     return DaemonConfig(
         model_id=str(tiny_model),
         workdir=workdir,
@@ -106,16 +107,17 @@ def daemon_config(tiny_model: Path, workdir: Path, api: ApiConfig, **kwargs: Any
         retry=RetryPolicy(max_attempts=1),
         poll_s=0.1,
         grace_s=0,
-        api=api,
         **kwargs,
     )
 
 
 @contextmanager
-def run_api_server(db_url: str, config: DaemonConfig, embedder: Any) -> Iterator[ApiServer]:
+def run_api_server(
+    db_url: str, config: DaemonConfig, embedder: Any, api: ApiConfig
+) -> Iterator[ApiServer]:
     """The daemon, its stages and its API in a thread; stopped and checked on exit."""
     engine = connect(db_url)
-    daemon = Daemon(engine, config, embedder=embedder)
+    daemon = Daemon(engine, config, embedder=embedder, services=[api_service(api)])
     errors: list[BaseException] = []
     loop_box: list[asyncio.AbstractEventLoop] = []
 

@@ -175,6 +175,7 @@ def test_import_results(cli: Cli, engine: Engine, old_dir: Path) -> None:
         "http://old.test/fail-new",
         WRITTEN_AT,
     )
+    assert new.host == "old.test"  # stored beside the URL, as the catalogue import does
     pending = after["fail-pending"]
     assert (pending.status, pending.error, pending.http_status, pending.url) == (
         "failed",
@@ -184,6 +185,7 @@ def test_import_results(cli: Cli, engine: Engine, old_dir: Path) -> None:
     )
     assert after["fail-tried"] == before["fail-tried"]
     assert after["fail-odd"].error == "just a string" and after["fail-odd"].url is None
+    assert after["fail-odd"].host is None
     assert "no-such-key" not in after
 
     # retry --failed puts back the adopted failures that have a URL

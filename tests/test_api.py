@@ -47,7 +47,7 @@ def api(
     root = tmp_path_factory.mktemp("api")
     config = ApiConfig(port=0, token=TOKEN, exempt_networks=LOCAL, max_body_bytes=MAX_BODY_BYTES)
     db_url = f"sqlite:///{root / 'runner.db'}"
-    with run_api_server(db_url, daemon_config(tiny_model, root / "work", config), embedder) as srv:
+    with run_api_server(db_url, daemon_config(tiny_model, root / "work"), embedder, config) as srv:
         yield srv
 
 

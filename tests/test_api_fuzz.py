@@ -50,7 +50,7 @@ def api(
         encode_timeout_s=20,
     )
     db_url = f"sqlite:///{root / 'runner.db'}"
-    with run_api_server(db_url, daemon_config(tiny_model, root / "work", config), embedder) as srv:
+    with run_api_server(db_url, daemon_config(tiny_model, root / "work"), embedder, config) as srv:
         yield srv
 
 

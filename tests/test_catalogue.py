@@ -4,10 +4,20 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from sqlalchemy import Engine, select, text
 
+from runner import catalogue
+from runner.catalogue import CatalogueFormat, import_catalogue
+from runner.db import connect
+from runner.models import jobs
+from runner.urls import host_of
 from tests.conftest import Cli, write_catalogue
 
 
@@ -157,3 +167,195 @@ def test_malformed_urls_are_failed_records_not_a_crash(
         rows = dict(conn.execute("SELECT key, status || ':' || coalesce(error, '') FROM jobs"))
     assert rows["good"] == "pending:"
     assert rows["bad"].startswith(f"failed:{problem}")
+
+
+# --- hosts, and URLs that change under a running job ------------------------------
+
+
+@pytest.fixture
+def any_engine(any_db_url: str) -> Iterator[Engine]:
+    engine = connect(any_db_url)
+    yield engine
+    engine.dispose()
+
+
+def import_file(engine: Engine, path: Path, records: dict, *, now: float) -> str:
+    counts, _ = import_catalogue(engine, write_catalogue(path, records), CatalogueFormat(), now=now)
+    return (
+        f"inserted {counts.inserted}, updated {counts.updated}, "
+        f"unchanged {counts.unchanged}, invalid {counts.invalid}"
+    )
+
+
+def table(engine: Engine) -> dict[str, Any]:
+    with engine.connect() as conn:
+        return {r.key: r for r in conn.execute(select(jobs))}
+
+
+def test_host_is_stored_on_insert_and_on_url_change(any_engine: Engine, tmp_path: Path) -> None:
+    first = {
+        "a": {"url": "https://CDN.Example.com/a.mp4"},
+        "b": {"url": "http://user:pw@[::1]:8080/b"},
+        "c": {"url": "ftp://files.test/c"},  # unusable, but its host is still known
+        "d": {},
+    }
+    assert import_file(any_engine, tmp_path / "1.json", first, now=1.0) == (
+        "inserted 2, updated 0, unchanged 0, invalid 2"
+    )
+    hosts = {k: r.host for k, r in table(any_engine).items()}
+    assert hosts == {"a": "cdn.example.com", "b": "::1", "c": "files.test", "d": None}
+
+    second = {
+        "a": {"url": "https://mirror.test:8443/a.mp4"},
+        "b": {"url": "http://Other.Test/b"},
+        "c": {"url": "http://files.test/c"},
+        "d": {"url": "http://d.test/d"},
+    }
+    assert import_file(any_engine, tmp_path / "2.json", second, now=2.0) == (
+        "inserted 0, updated 4, unchanged 0, invalid 0"
+    )
+    hosts = {k: r.host for k, r in table(any_engine).items()}
+    assert hosts == {"a": "mirror.test", "b": "other.test", "c": "files.test", "d": "d.test"}
+
+
+def test_changed_url_takes_a_running_job_back_but_never_a_done_one(
+    any_engine: Engine, tmp_path: Path
+) -> None:
+    """A running job fetches a URL the catalogue no longer has: it goes back to
+    pending with the new URL, a fresh set of attempts and no worker; a done job
+    keeps its URL (and its vector)."""
+    first = {
+        "run": {"url": "http://old.test/run"},
+        "done": {"url": "http://old.test/done"},
+        "same": {"url": "http://old.test/same"},
+    }
+    import_file(any_engine, tmp_path / "1.json", first, now=1.0)
+    with any_engine.begin() as conn:
+        conn.execute(
+            text(
+                "UPDATE jobs SET status = 'running', worker_id = 'w', attempts = 1, claims = 1,"
+                " claimed_at = 5, lease_expires_at = 50, started_at = 6, not_before = 4,"
+                " error = 'HTTP 503', error_class = 'download', http_status = 503"
+                " WHERE key IN ('run', 'same')"
+            )
+        )
+        conn.execute(text("UPDATE jobs SET status = 'done', finished_at = 7 WHERE key = 'done'"))
+    before = table(any_engine)
+
+    second = {
+        "run": {"url": "http://New.Test/run"},
+        "done": {"url": "http://new.test/done"},
+        "same": {"url": "http://old.test/same"},
+    }
+    assert import_file(any_engine, tmp_path / "2.json", second, now=10.0) == (
+        "inserted 0, updated 1, unchanged 2, invalid 0"
+    )
+    after = table(any_engine)
+    run = after["run"]
+    assert (run.url, run.host, run.status, run.attempts) == (
+        "http://New.Test/run",
+        "new.test",
+        "pending",
+        0,
+    )
+    assert (run.worker_id, run.claimed_at, run.lease_expires_at, run.started_at) == (None,) * 4
+    assert (run.not_before, run.error, run.error_class, run.http_status) == (None,) * 4
+    assert run.claims == 1  # the stale attempt's fence: its writes will be refused
+    assert after["done"] == before["done"]
+    assert after["same"] == before["same"]  # URL unchanged: its attempt carries on
+
+
+def test_unusable_url_fails_a_running_job(any_engine: Engine, tmp_path: Path) -> None:
+    import_file(any_engine, tmp_path / "1.json", {"k": {"url": "http://x.test/k"}}, now=1.0)
+    with any_engine.begin() as conn:
+        conn.execute(text("UPDATE jobs SET status = 'running', worker_id = 'w', attempts = 2"))
+    line = import_file(any_engine, tmp_path / "2.json", {"k": {"url": "ftp://x.test/k"}}, now=3.0)
+    assert line == "inserted 0, updated 0, unchanged 0, invalid 1"
+    row = table(any_engine)["k"]
+    assert (row.status, row.url, row.host, row.worker_id, row.attempts, row.finished_at) == (
+        "failed",
+        "ftp://x.test/k",
+        "x.test",
+        None,
+        0,
+        3.0,
+    )
+    assert row.error_class == "invalid" and "scheme 'ftp'" in row.error
+
+
+@pytest.mark.parametrize(
+    ("now_status", "now_url", "expected_status", "expected_url"),
+    [
+        ("done", "http://old.test/k", "done", "http://old.test/k"),  # finished meanwhile
+        ("running", "http://old.test/k", "pending", "http://new.test/k"),  # claimed meanwhile
+        ("running", "http://new.test/k", "running", "http://new.test/k"),  # imported meanwhile
+    ],
+)
+def test_the_statement_decides_by_the_row_at_the_write(
+    any_engine: Engine,
+    monkeypatch: pytest.MonkeyPatch,
+    now_status: str,
+    now_url: str,
+    expected_status: str,
+    expected_url: str,
+) -> None:
+    """The batch read saw a pending job with the old URL; by the write the row has
+    moved on.  The UPDATE's own WHERE and CASEs apply the rules to the row as it is."""
+    with any_engine.begin() as conn:
+        catalogue.upsert_records(
+            conn, [catalogue.Record(key="k", url="http://old.test/k", meta={})], now=1.0
+        )
+        conn.execute(
+            text("UPDATE jobs SET status = :s, url = :u, worker_id = 'w', attempts = 1"),
+            {"s": now_status, "u": now_url},
+        )
+    stale = {"k": ("k", "http://old.test/k", "pending")}
+    monkeypatch.setattr(catalogue, "_existing", lambda conn, keys: stale)
+    with any_engine.begin() as conn:
+        catalogue.upsert_records(
+            conn, [catalogue.Record(key="k", url="http://new.test/k", meta={})], now=2.0
+        )
+    row = table(any_engine)["k"]
+    assert (row.status, row.url) == (expected_status, expected_url)
+    assert row.worker_id == (None if expected_status == "pending" else "w")
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://example.com/v.mp4",
+        "HTTPS://CDN.Example.COM?x=1",
+        "http://a-b.c-d.e#frag",
+        "http://example.com.",
+        "https://host",
+        "http://user@host/x",
+        "http://user:pw@Host:80/x",
+        "http://host:8080/x",
+        "http://[::1]/x",
+        "http://[::1",
+        "http://a]b/",
+        "http://h:99999/",
+        "http:///x",
+        "http://ho\tst/x",
+        " http://spaced.test/x ",
+        "http://bücher.de/x",
+        "http://%41.test/x",
+        "ftp://files.test/x",
+        "//no-scheme.test/x",
+        "no url at all",
+        "",
+    ],
+)
+def test_host_fast_path_agrees_with_host_of(url: str) -> None:
+    """The import skips urlsplit for plain hosts; it must store what `host_of` says
+    (the downloader's HostGate uses `host_of`, and migration 0003 backfilled with it)."""
+    assert catalogue._host(url) == host_of(url)
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    scheme=st.sampled_from(["http://", "HTTPS://", "ftp://", "http:/", ""]),
+    rest=st.text(alphabet="aZ09.-_@:[]/?#% \t\nü", max_size=20),
+)
+def test_host_fast_path_agrees_with_host_of_on_anything(scheme: str, rest: str) -> None:
+    assert catalogue._host(scheme + rest) == host_of(scheme + rest)

@@ -14,7 +14,7 @@ import pytest
 from sklearn.decomposition import PCA, IncrementalPCA
 from sqlalchemy import Engine
 
-from runner import jobs
+from runner import catalogue, jobs
 from runner.db import connect
 from runner.export import export, parse_timestamp
 from tests.conftest import Cli
@@ -31,9 +31,11 @@ def engine(db_url: str) -> Iterator[Engine]:
 
 
 def add_jobs(engine: Engine, keys: list[str], *, now: float = 0.0) -> None:
-    records = [jobs.Record(key=k, url=f"http://media.test/{k}", meta={"title": k}) for k in keys]
+    records = [
+        catalogue.Record(key=k, url=f"http://media.test/{k}", meta={"title": k}) for k in keys
+    ]
     with engine.begin() as conn:
-        jobs.upsert_records(conn, records, now=now)
+        catalogue.upsert_records(conn, records, now=now)
 
 
 def claim_all(engine: Engine, *, now: float) -> dict[str, jobs.Job]:
@@ -65,12 +67,12 @@ def finish(
     claimed = claim_all(engine, now=now if claimed_at is None else claimed_at)
     with engine.begin() as conn:
         for key, vector in done.items():
-            jobs.complete(conn, claimed[key].id, result(vector), worker_id=WORKER, now=now)
+            jobs.complete(conn, claimed[key], result(vector), now=now)
         for key, message in (failed or {}).items():
             failure = jobs.Failure(message=message, error_class="download", http_status=404)
-            jobs.fail(conn, claimed[key].id, failure, worker_id=WORKER, now=now)
+            jobs.fail(conn, claimed[key], failure, now=now)
     rest = set(claimed) - set(done) - set(failed or {}) - set(keep_running)
-    jobs.release(engine, [claimed[k].id for k in rest], worker_id=WORKER)
+    jobs.release(engine, [claimed[k] for k in rest], worker_id=WORKER)
 
 
 def done_vectors(

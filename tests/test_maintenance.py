@@ -15,8 +15,9 @@ import pytest
 import sqlalchemy.exc
 from sqlalchemy import Engine, select
 
-from runner import jobs, maintenance, pipeline
+from runner import jobs, maintenance, queries
 from runner.db import connect
+from runner.dbthread import DbThread
 from runner.models import jobs as jobs_table
 from runner.retry import RetryPolicy, parse_retry_after
 from tests.conftest import Cli, write_catalogue
@@ -42,7 +43,9 @@ def rows(engine: Engine) -> dict[str, dict]:
 
 
 def claim_all(engine: Engine, worker_id: str, now: float = NOW) -> list[jobs.Job]:
-    return jobs.claim(engine, worker_id=worker_id, now=now, limit=100, lease_s=LEASE_S)
+    """Claimed and started: each try charged, as a daemon's download start does."""
+    claimed = jobs.claim(engine, worker_id=worker_id, now=now, limit=100, lease_s=LEASE_S)
+    return [jobs.start(engine, job, now=now) for job in claimed]
 
 
 def statuses(engine: Engine) -> dict[str, str]:
@@ -89,7 +92,7 @@ def test_gave_up_keeps_the_previous_error(engine: Engine) -> None:
     [job, *_] = claim_all(engine, REMOTE)
     failure = jobs.Failure("HTTP 503 Service Unavailable", "download", http_status=503)
     with engine.begin() as conn:
-        jobs.retry_later(conn, job.id, failure, worker_id=REMOTE, not_before=NOW)
+        jobs.retry_later(conn, job, failure, delay_s=0, now=NOW)
     claim_all(engine, REMOTE, now=NOW + 1)
     maintenance.reap(engine, now=NOW + 1000, max_attempts=2)
     row = rows(engine)[job.key]
@@ -107,7 +110,7 @@ def test_heartbeat_keeps_a_long_job_from_being_reaped(engine: Engine) -> None:
     # a 3-hour video: the heartbeat renews every quarter lease, the reaper never takes it
     for tick in range(1, 3 * 3600 // int(LEASE_S / 4)):
         now = NOW + tick * LEASE_S / 4
-        assert maintenance.heartbeat(engine, worker_id=me, now=now, lease_s=LEASE_S) == 4
+        assert len(maintenance.heartbeat(engine, worker_id=me, now=now, lease_s=LEASE_S)) == 4
         assert maintenance.reap(engine, now=now + 1, max_attempts=5) == (0, 0)
     assert set(statuses(engine).values()) == {"running"}
     # the heartbeat stops (the daemon hangs or its host died): one lease later it is reaped
@@ -116,7 +119,7 @@ def test_heartbeat_keeps_a_long_job_from_being_reaped(engine: Engine) -> None:
 
 def test_heartbeat_renews_only_its_own_jobs(engine: Engine) -> None:
     claim_all(engine, REMOTE)
-    assert maintenance.heartbeat(engine, worker_id="other:1:x", now=NOW + 50, lease_s=60) == 0
+    assert maintenance.heartbeat(engine, worker_id="other:1:x", now=NOW + 50, lease_s=60) == set()
     assert maintenance.reap(engine, now=NOW + LEASE_S + 1, max_attempts=5) == (4, 0)
 
 
@@ -125,12 +128,11 @@ def test_heartbeat_of_the_jobs_in_hand_lets_a_lost_claim_expire(engine: Engine) 
     is held by a live worker that does not know it: it must expire, not be renewed."""
     me = maintenance.new_worker_id()
     claimed = claim_all(engine, me)
-    in_hand = [job.id for job in claimed[:3]]
+    in_hand = claimed[:3]
     now = NOW + LEASE_S / 2
-    assert (
-        maintenance.heartbeat(engine, worker_id=me, now=now, lease_s=LEASE_S, job_ids=in_hand) == 3
-    )
-    assert maintenance.heartbeat(engine, worker_id=me, now=now, lease_s=LEASE_S, job_ids=[]) == 0
+    renewed = maintenance.heartbeat(engine, worker_id=me, now=now, lease_s=LEASE_S, held=in_hand)
+    assert renewed == {job.id for job in in_hand}
+    assert maintenance.heartbeat(engine, worker_id=me, now=now, lease_s=LEASE_S, held=[]) == set()
     assert maintenance.reap(engine, now=NOW + LEASE_S + 1, max_attempts=5) == (1, 0)
     assert sorted(statuses(engine).values()) == ["pending", "running", "running", "running"]
 
@@ -140,19 +142,19 @@ def test_daemon_rides_out_a_database_that_is_briefly_gone(
 ) -> None:
     """OperationalError (failover, dropped connection) is retried with backoff, then
     raised if it lasts; the retried call runs against the real database."""
-    monkeypatch.setattr(pipeline, "DB_RETRY_DELAYS_S", (0.01, 0.01))
-    daemon = pipeline.Daemon(engine, pipeline.DaemonConfig(model_id="unused", workdir=tmp_path))
+    db = DbThread(engine, retry_delays_s=(0.01, 0.01))
     failures = iter([True, True])
 
     def count_pending_after_outage(engine: Engine) -> int:
         if next(failures, False):
             raise sqlalchemy.exc.OperationalError("SELECT 1", {}, Exception("server closed"))
-        return jobs.count_pending(engine)
+        return queries.count_pending(engine)
 
-    assert asyncio.run(daemon._in_db(count_pending_after_outage, engine)) == 4
+    assert asyncio.run(db.call(count_pending_after_outage)) == 4
     failures = iter([True, True, True])
     with pytest.raises(sqlalchemy.exc.OperationalError):
-        asyncio.run(daemon._in_db(count_pending_after_outage, engine))
+        asyncio.run(db.call(count_pending_after_outage))
+    db.close()
 
 
 def test_dead_local_worker_is_reaped_before_its_lease_ends(engine: Engine) -> None:
@@ -204,8 +206,10 @@ def test_release_gives_back_all_a_worker_holds_and_nothing_else(engine: Engine) 
     """A stopping daemon releases by worker id, so even a claim whose result it never
     saw (its task was cancelled while the statement committed) goes back."""
     me = maintenance.new_worker_id()
-    jobs.claim(engine, worker_id=me, now=NOW, limit=3, lease_s=LEASE_S)
-    jobs.claim(engine, worker_id=REMOTE, now=NOW, limit=1, lease_s=LEASE_S)
+    for job in jobs.claim(engine, worker_id=me, now=NOW, limit=3, lease_s=LEASE_S):
+        jobs.start(engine, job, now=NOW)
+    for job in jobs.claim(engine, worker_id=REMOTE, now=NOW, limit=1, lease_s=LEASE_S):
+        jobs.start(engine, job, now=NOW)
     assert jobs.release(engine, [], worker_id=me) == 0
     assert jobs.release(engine, None, worker_id=me) == 3
     after = rows(engine)
@@ -275,7 +279,7 @@ def fail_some(engine: Engine) -> None:
     }
     with engine.begin() as conn:
         for key, failure in failures.items():
-            jobs.fail(conn, claimed[key].id, failure, worker_id=REMOTE, now=NOW)
+            jobs.fail(conn, claimed[key], failure, now=NOW)
 
 
 def test_retry_needs_a_selection(cli: Cli, engine: Engine) -> None:

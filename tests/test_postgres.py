@@ -60,7 +60,7 @@ def test_concurrent_claims_never_share_a_job(engine: Engine, pg_url: str) -> Non
         rows = conn.execute(select(jobs_table.c.worker_id, jobs_table.c.attempts)).all()
     for worker, ids in enumerate(claimed):
         assert sum(1 for r in rows if r.worker_id == f"w{worker}") == len(ids)
-    assert {r.attempts for r in rows} == {1}
+    assert {r.attempts for r in rows} == {0}  # claimed, not started: nothing charged
 
 
 def test_claim_skips_rows_another_transaction_holds(engine: Engine, pg_url: str) -> None:
@@ -80,23 +80,29 @@ def test_claim_skips_rows_another_transaction_holds(engine: Engine, pg_url: str)
 
 
 def test_state_changes(engine: Engine) -> None:
-    """The guarded statements of runner.jobs, on PostgreSQL's SQL."""
+    """The fenced statements of runner.jobs, on PostgreSQL's SQL."""
     add_pending(engine, 4)
-    ids = [job.id for job in jobs.claim(engine, worker_id="w", now=1.0, limit=4, lease_s=10)]
-    assert jobs.renew_leases(engine, worker_id="w", now=5.0, lease_s=10) == 4
+    claimed = jobs.claim(engine, worker_id="w", now=1.0, limit=4, lease_s=10)
+    ids = [job.id for job in claimed]
+    started = [jobs.start(engine, job, now=2.0) for job in claimed[1:]]
+    assert jobs.renew_leases(engine, worker_id="w", now=5.0, lease_s=10) == set(ids)
     failure = jobs.Failure("HTTP 503", "download", 503)
+    give_back = jobs.Outcome(claimed[0])
+    fail = jobs.Outcome(started[0], failure=failure)
     lost = jobs.store_outcomes(
         engine,
         [
-            jobs.Outcome(ids[0], failure=failure, retry_at=100.0, uncounted=True),
-            jobs.Outcome(ids[1], failure=failure),
-            jobs.Outcome(ids[1], failure=failure),  # no longer running: lost, not raised
+            give_back,
+            fail,
+            jobs.Outcome(started[0], failure=failure),  # no longer running: lost, not raised
+            jobs.Outcome(started[1], failure=failure, retry_after_s=100.0),
         ],
-        worker_id="w",
         now=6.0,
     )
-    assert lost == [ids[1]]
-    assert jobs.release(engine, [ids[2]], worker_id="w") == 1
+    assert lost == [jobs.Outcome(started[0], failure=failure)]
+    retried = jobs.claim(engine, worker_id="w", now=7.0, limit=4, lease_s=10)
+    assert [job.id for job in retried] == [ids[0]]  # ids[2] waits out its backoff
+    assert jobs.release(engine, retried, worker_id="w") == 1
     assert jobs.requeue_abandoned(engine, now=16.0, max_attempts=1) == (0, 1)
     with engine.connect() as conn:
         rows = {
@@ -111,17 +117,18 @@ def test_state_changes(engine: Engine) -> None:
                 )
             )
         }
-    assert (rows[ids[0]].status, rows[ids[0]].attempts, rows[ids[0]].not_before) == (
+    assert (rows[ids[0]].status, rows[ids[0]].attempts) == ("pending", 0)  # never started
+    assert (rows[ids[1]].status, rows[ids[1]].attempts) == ("failed", 1)
+    assert (rows[ids[2]].status, rows[ids[2]].attempts, rows[ids[2]].not_before) == (
         "pending",
-        0,
-        100.0,
+        1,
+        106.0,
     )
-    assert (rows[ids[1]].status, rows[ids[2]].status) == ("failed", "pending")
     assert rows[ids[3]].status == "failed"
     assert rows[ids[3]].error == (
         "gave up after 1 attempts; the worker stopped (killed or crashed) during the last"
     )
-    assert jobs.claim(engine, worker_id="v", now=50.0, limit=9, lease_s=10)[0].id == ids[2]
+    assert jobs.claim(engine, worker_id="v", now=50.0, limit=9, lease_s=10)[0].id == ids[0]
     assert jobs.requeue_failed(engine, all_failed=True) == 2
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from runner.jobs import Failure, Outcome, Result, Status
+from runner.jobs import Failure, Job, Outcome, Result, Status
 from runner.progress import Progress, SlidingRate, finished_by, progress_line
 from tests.argv import daemon_args
 from tests.conftest import Cli, MediaServer, write_catalogue
@@ -17,9 +17,13 @@ from tests.conftest import Cli, MediaServer, write_catalogue
 COUNTS = {Status.PENDING: 30, Status.RUNNING: 4, Status.DONE: 10, Status.FAILED: 2}
 
 
+def job(job_id: int) -> Job:
+    return Job(id=job_id, key=f"k{job_id}", url="http://x/", attempts=1, claims=1, worker_id="w")
+
+
 def done(job_id: int, duration_s: float) -> Outcome:
     result = Result(np.zeros(4, np.float32), duration_s, 2, 0.1, "m")
-    return Outcome(job_id, result=result)
+    return Outcome(job(job_id), result=result)
 
 
 def test_rate_is_over_the_window_and_shorter_while_young() -> None:
@@ -36,8 +40,9 @@ def test_retries_do_not_count_as_finished() -> None:
     failure = Failure("HTTP 503", "download", 503)
     outcomes = [
         done(1, 12.5),
-        Outcome(2, failure=failure),
-        Outcome(3, failure=failure, retry_at=5.0),
+        Outcome(job(2), failure=failure),
+        Outcome(job(3), failure=failure, retry_after_s=5.0),
+        Outcome(job(4)),  # given back: the job comes back too
     ]
     assert finished_by(outcomes) == (2, 12.5)
 

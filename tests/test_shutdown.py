@@ -19,10 +19,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from runner.catalogue import CatalogueFormat, import_catalogue
+from runner.config import DaemonConfig
+from runner.daemon import Daemon
 from runner.db import connect
 from runner.download import DownloadLimits
 from runner.embed import Embedder
-from runner.pipeline import Daemon, DaemonConfig
 from runner.retry import RetryPolicy
 from tests.conftest import MediaServer, write_catalogue
 from tests.hitserver import HitServer, killed_at_exit, make_corpus, serving
@@ -145,7 +146,7 @@ def test_grace_period_ends_with_the_rest_released(
         daemon = run_in_process(
             db, config, embedder, until=lambda: any(temp_files(workdir)) and bool(server.hits)
         )
-    assert daemon.draining  # it was a graceful stop, cut short by the grace period
+    assert daemon.lifecycle.draining  # it was a graceful stop, cut short by the grace period
     assert set(states(db).values()) == {("pending", 0)}
     assert not list(workdir.iterdir())
 

@@ -102,10 +102,10 @@ def test_adopted_and_rejected_rows_do_not_count_as_speed(engine: Engine, tmp_pat
     os.utime(old / "audio_vectors.json", (NOW - 10, NOW - 10))
     import_results(engine, old, now=NOW)
     with engine.begin() as conn:
-        from runner import jobs
+        from runner import catalogue
 
-        jobs.upsert_records(
-            conn, [jobs.Record(key="bad", url=None, meta={}, invalid="no url")], now=NOW - 5
+        catalogue.upsert_records(
+            conn, [catalogue.Record(key="bad", url=None, meta={}, invalid="no url")], now=NOW - 5
         )
     report = read_status(engine, now=NOW)
     assert report["counts"]["done"] == 50 and report["counts"]["failed"] == 1

@@ -1,0 +1,94 @@
+"""One claim of one job, from the claim to its stored outcome.
+
+An `Attempt` is created by the claimer and travels by reference through every
+queue (download, decode, windows, store).  Everything that belongs to that one try
+lives on it: the frozen `Job` record that fences its database writes (id, worker,
+claim number), the windows sent and embedded, the running frame sums, the decoded
+media facts.  Nothing is kept in dicts keyed by job id, so if a lease lapses and
+the same job is claimed again, a late window of the old attempt can only reach the
+old object, which is already marked lost and whose writes the database refuses.
+
+An ad-hoc attempt (HTTP ``/encode_audio``) has no database row: `reply` is set and
+its outcome resolves that future instead of being stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+import aiohttp
+import numpy as np
+
+from runner import jobs
+from runner.decode import MediaInfo
+from runner.embed import WindowEmbedding
+
+
+@dataclass(eq=False)  # identity, not value: two attempts of one job are never equal
+class Attempt:
+    job: jobs.Job
+    #: ad-hoc: the outcome answers this instead of being stored
+    reply: asyncio.Future | None = None
+    #: monotonic time the work started (download start), for processing_audio_time
+    started_s: float = field(default_factory=time.monotonic)
+    #: its download started and the try was charged (`job.attempts` counts it)
+    charged: bool = False
+    #: its outcome is decided (queued for the store, or answered)
+    ended: bool = False
+    #: the database no longer holds it for us (lease lost, claimed again): drop it
+    lost: bool = False
+    frame_sum: np.ndarray | None = None
+    frames: int = 0
+    windows_done: int = 0
+    #: known once decoding ended
+    windows_sent: int | None = None
+    info: MediaInfo | None = None
+    #: how it ended, once `ended`: what the store stage writes
+    outcome: jobs.Outcome | None = None
+    #: ad-hoc: the session to fetch with (the API's, guarded against private
+    #: addresses); None: the daemon's own
+    session: aiohttp.ClientSession | None = None
+
+    @property
+    def adhoc(self) -> bool:
+        return self.reply is not None
+
+    @property
+    def live(self) -> bool:
+        """Worth more work: not ended, not lost, and (ad-hoc) its caller still waits."""
+        if self.ended or self.lost:
+            return False
+        return self.reply is None or not self.reply.done()
+
+    def charge(self, job: jobs.Job) -> None:
+        """Its download starts: `job` is the record after the database charged the try."""
+        self.job, self.charged, self.started_s = job, True, time.monotonic()
+
+    def add_part(self, part: WindowEmbedding) -> None:
+        if self.frame_sum is None:
+            self.frame_sum = part.frame_sum.copy()
+        else:
+            self.frame_sum += part.frame_sum
+        self.frames += part.frames
+        self.windows_done += 1
+
+    def decoded(self, windows: int, info: MediaInfo | None) -> None:
+        self.windows_sent, self.info = windows, info
+
+    @property
+    def complete(self) -> bool:
+        return self.windows_sent is not None and self.windows_done >= self.windows_sent
+
+    def result(self, model_id: str) -> jobs.Result:
+        """The pooled vector and facts; only once `complete`."""
+        assert self.complete and self.info is not None
+        assert self.frame_sum is not None and self.frames > 0
+        return jobs.Result(
+            vector=(self.frame_sum / self.frames).astype(np.float32),
+            video_duration_s=self.info.duration_s,
+            channels_count=self.info.channels_count,
+            processing_audio_time_s=time.monotonic() - self.started_s,
+            model_id=model_id,
+        )
