@@ -77,37 +77,40 @@ class Store:
         outcomes = [a.outcome for a in attempts if a.outcome is not None]
         try:
             lost = await self.db.call(jobs.store_outcomes, outcomes)
+            lost_ids = {id(outcome) for outcome in lost}
+            written = [o for o in outcomes if id(o) not in lost_ids]
         except sqlalchemy.exc.OperationalError:
             raise  # the database is gone for good: stop, the leases give the jobs back
         except Exception as exc:
             log.warning(
                 "writing %d outcomes failed (%s); writing them one by one", len(outcomes), exc
             )
-            lost = await self._one_by_one(outcomes)
-        lost_ids = {id(outcome) for outcome in lost}
+            written = await self._one_by_one(outcomes)
         for attempt in attempts:
             self.inflight.forget(attempt)
-            outcome = attempt.outcome
-            if outcome is None:
-                continue
-            if id(outcome) in lost_ids:
+        stored_jobs = {outcome.job for outcome in written}
+        for outcome in outcomes:
+            if outcome.job not in stored_jobs:
                 log.warning(
                     "job %s was no longer ours when its outcome was stored", outcome.job.key
                 )
-            else:
-                self.metrics.job_finished(outcome.kind, outcome.error_class)
-        self.progress.record([o for o in outcomes if id(o) not in lost_ids], now=time.time())
+        for outcome in written:
+            self.metrics.job_finished(outcome.kind, outcome.error_class)
+        self.progress.record(written, now=time.time())
 
     async def _one_by_one(self, outcomes: Sequence[jobs.Outcome]) -> list[jobs.Outcome]:
-        lost: list[jobs.Outcome] = []
+        """Each outcome in its own transaction; returns those written (a failure in
+        place of an outcome the database refused)."""
+        written: list[jobs.Outcome] = []
         for outcome in outcomes:
             try:
-                lost += await self.db.call(jobs.store_outcomes, [outcome])
+                if not await self.db.call(jobs.store_outcomes, [outcome]):
+                    written.append(outcome)
             except sqlalchemy.exc.OperationalError:
                 raise
             except Exception as exc:
-                lost += await self._fail_unstorable(outcome, exc)
-        return lost
+                written += await self._fail_unstorable(outcome, exc)
+        return written
 
     async def _fail_unstorable(self, outcome: jobs.Outcome, exc: Exception) -> list[jobs.Outcome]:
         reason = " ".join(str(exc).split())[:500] or type(exc).__name__
@@ -115,12 +118,12 @@ class Store:
         failure = jobs.Failure(
             message=f"could not store the outcome: {reason}", error_class=STORE_ERROR_CLASS
         )
+        instead = jobs.Outcome(outcome.job, failure=failure)
         try:
-            return await self.db.call(
-                jobs.store_outcomes, [jobs.Outcome(outcome.job, failure=failure)]
-            )
+            lost = await self.db.call(jobs.store_outcomes, [instead])
         except sqlalchemy.exc.OperationalError:
             raise
         except Exception:  # left running: its lease lapses and the reaper takes it
             log.exception("job %s: could not even record the failure", outcome.job.key)
-            return [outcome]
+            return []
+        return [] if lost else [instead]
