@@ -386,7 +386,7 @@ async def encode_audio(request: web.Request) -> web.Response:
         result = await asyncio.wait_for(
             _daemon(request).encode_url(url, session=session), timeout_s
         )
-    except asyncio.TimeoutError:  # the builtin TimeoutError only from Python 3.11 on
+    except TimeoutError:  # asyncio.TimeoutError is this builtin since 3.11
         return _error(504, f"not finished within {timeout_s:g} s")
     except Stopping as exc:
         return _error(503, str(exc))

@@ -117,7 +117,7 @@ class UrlGuard:
         loop = asyncio.get_running_loop()
         try:
             infos = await asyncio.wait_for(loop.getaddrinfo(host, None), 10)
-        except (OSError, asyncio.TimeoutError, UnicodeError):  # not builtin before 3.11
+        except (TimeoutError, OSError, UnicodeError):
             return
         for info in infos:
             problem = self.address_problem(host, str(info[4][0]))
@@ -262,7 +262,7 @@ async def download(
                 raise _status_error(response)
             _check_content_type(response)
             size = await _stream_body(response, dest, limits.max_bytes)
-    except (TimeoutError, asyncio.TimeoutError):
+    except TimeoutError:
         raise DownloadTimeoutError(
             f"timed out (connect {limits.connect_timeout_s:g} s, read {limits.read_timeout_s:g} s)",
             http_status=status,

@@ -46,7 +46,7 @@ from runner.errors import JobStateError
 from runner.models import jobs
 
 
-class Status(str, enum.Enum):
+class Status(enum.StrEnum):
     PENDING = "pending"
     RUNNING = "running"
     DONE = "done"

@@ -70,7 +70,8 @@ def old_dir(engine: Engine, tmp_path: Path) -> Path:
 
     # fail-tried: claimed once and requeued with its attempt counted (as after a crash)
     add_jobs(engine, ["fail-tried"])
-    jobs_module.claim(engine, worker_id="w2", now=50.0, limit=1, lease_s=1)
+    for job in jobs_module.claim(engine, worker_id="w2", now=50.0, limit=1, lease_s=1):
+        jobs_module.start(engine, job, now=50.0)
     assert jobs_module.requeue_abandoned(engine, now=60.0, max_attempts=5) == (1, 0)
     keys = [
         "good-pending",

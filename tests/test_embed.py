@@ -65,7 +65,7 @@ def test_batched_equals_one_at_a_time_with_short_tail(embedder: Embedder) -> Non
     assert len(batch) == len(items)  # everything padded into one batch
     parts = embedder.embed([item.samples for item in batch])
     for i, expected in enumerate(reference):
-        mine = [p for item, p in zip(batch, parts, strict=True) if item.job_id == i]
+        mine = [p for item, p in zip(batch, parts, strict=True) if item.owner == i]
         np.testing.assert_allclose(pool(mine, embedder.hidden_size), expected, rtol=1e-4, atol=1e-5)
 
 
@@ -99,7 +99,7 @@ def test_batcher_serves_oldest_first_and_respects_budget(embedder: Embedder) -> 
     while batcher.pending:
         batch = batcher.next_batch()
         assert max(len(b.samples) for b in batch) * len(batch) <= 4 * RATE or len(batch) == 1
-        served.append(batch[0].job_id)
+        served.append(batch[0].owner)
     assert served[0] == 0
 
 

@@ -39,8 +39,9 @@ def add_jobs(engine: Engine, keys: list[str], *, now: float = 0.0) -> None:
 
 
 def claim_all(engine: Engine, *, now: float) -> dict[str, jobs.Job]:
+    """Claimed and started (each try charged), as a daemon's downloads would."""
     claimed = jobs.claim(engine, worker_id=WORKER, now=now, limit=1_000_000, lease_s=3600)
-    return {job.key: job for job in claimed}
+    return {job.key: jobs.start(engine, job, now=now) for job in claimed}
 
 
 def result(vector: np.ndarray, *, duration: float = 2.0) -> jobs.Result:

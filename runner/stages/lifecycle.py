@@ -20,6 +20,5 @@ class Lifecycle:
 
     async def sleep(self, seconds: float) -> None:
         """Wait `seconds`, or less if the daemon is told to stop meanwhile."""
-        # asyncio.TimeoutError: the builtin TimeoutError is raised only from 3.11 on
-        with contextlib.suppress(asyncio.TimeoutError):
+        with contextlib.suppress(TimeoutError):  # asyncio's is the builtin since 3.11
             await asyncio.wait_for(self.stop.wait(), seconds)
