@@ -20,6 +20,7 @@ import io
 import ipaddress
 import json
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -354,7 +355,12 @@ def _encode_request(payload: Any, config: ApiConfig) -> tuple[str, float]:
     if problem:
         raise ApiError(400, f"video_url: {problem}")
     timeout_s = payload.get("timeout_s", config.encode_timeout_s)
-    if isinstance(timeout_s, bool) or not isinstance(timeout_s, int | float) or timeout_s <= 0:
+    if (
+        isinstance(timeout_s, bool)
+        or not isinstance(timeout_s, int | float)
+        or not math.isfinite(timeout_s)
+        or timeout_s <= 0
+    ):
         raise ApiError(400, "timeout_s: expected a positive number of seconds")
     assert isinstance(url, str)
     return url.strip(), min(float(timeout_s), config.encode_timeout_s)

@@ -75,6 +75,8 @@ class Daemon:
         self.db = DbThread(engine)
         self.api_url: str | None = None  # set once the HTTP API listens
         self.tasks: list[asyncio.Task] = []
+        #: a stage died: the tries of what is held stay charged (see jobs.release)
+        self.crashed = False
         self._adhoc_ids = itertools.count(-1, -1)  # never a database id
         self.progress = Progress(
             started=time.time(), bar_file=sys.stderr if config.progress_bar else None
@@ -183,6 +185,7 @@ class Daemon:
         ]
         if died:
             task = died[0]
+            self.crashed = True
             raise StageFailed(
                 f"stage {task.get_name()} died: {task.exception()!r}"
             ) from task.exception()
@@ -194,18 +197,22 @@ class Daemon:
         for task in others:
             task.cancel()
         await asyncio.gather(*others, return_exceptions=True)
-        if self.tasks:
-            loop = asyncio.get_running_loop()
-            await loop.run_in_executor(None, self.decoders.shutdown)
-            await loop.run_in_executor(None, self.embed_loop.shutdown)
-            await self._drain_store(store_task)
-        self.inflight.abandon_adhoc("the daemon stopped")
-        released = await self.db.call(jobs.release, None, worker_id=self.worker_id)
-        if released:
-            log.info("released %d in-flight job(s) back to pending", released)
-        await self._report_progress()
-        self.progress.close()
-        self.db.close()
+        try:
+            if self.tasks:
+                loop = asyncio.get_running_loop()
+                await loop.run_in_executor(None, self.decoders.shutdown)
+                await loop.run_in_executor(None, self.embed_loop.shutdown)
+                await self._drain_store(store_task)
+        finally:  # whatever the store did, what is still held goes back
+            self.inflight.abandon_adhoc("the daemon stopped")
+            released = await self.db.call(
+                jobs.release, None, worker_id=self.worker_id, refund=not self.crashed
+            )
+            if released:
+                log.info("released %d in-flight job(s) back to pending", released)
+            await self._report_progress()
+            self.progress.close()
+            self.db.close()
 
     async def _drain_store(self, store_task: asyncio.Task | None) -> None:
         if store_task is not None and not store_task.done():
@@ -253,7 +260,11 @@ class Daemon:
                 self.inflight.drop_lost(attempt, "its lease was lost")
 
     async def _reap(self) -> None:
-        await self.db.call(maintenance.reap, max_attempts=self.config.retry.max_attempts)
+        await self.db.call(
+            maintenance.reap,
+            max_attempts=self.config.retry.max_attempts,
+            spare=[a.job for a in self.inflight if not a.adhoc],
+        )
 
     async def _report_progress(self) -> None:
         counts = await self.db.call(read_counts)

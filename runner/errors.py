@@ -70,6 +70,14 @@ class EmbedError(JobError):
     error_class = "embed"
 
 
+class LocalError(JobError):
+    """This machine failed the attempt (disk full, too many open files, ffmpeg would
+    not start): worth another try, and never a reason to stop the whole daemon."""
+
+    error_class = "local"
+    transient = True
+
+
 class EmbedOutOfMemoryError(EmbedError):
     """The device ran out of memory on a batch: not the video's fault, worth a retry."""
 

@@ -331,6 +331,14 @@ def _store_one(conn: Connection, outcome: Outcome, *, now: float | None) -> None
         retry_later(conn, outcome.job, outcome.failure, delay_s=outcome.retry_after_s, now=now)
 
 
+def _held_by_attempts(held: Iterable[Job]) -> Any | None:
+    """WHERE term matching exactly these attempts; None for none."""
+    fences = [(job.id, job.claims, job.worker_id) for job in held]
+    if not fences:
+        return None
+    return tuple_(jobs.c.id, jobs.c.claims, jobs.c.worker_id).in_(fences)
+
+
 def _held_by(worker_id: str, held: Iterable[Job] | None) -> list[Any] | None:
     """WHERE terms for the running jobs `worker_id` holds (only the attempts in
     `held`, if given); None when `held` is empty, so the caller can skip the statement."""
@@ -376,22 +384,24 @@ _TRY_GIVEN_BACK = case(
 )
 
 
-def release(engine: Engine, held: Iterable[Job] | None, *, worker_id: str) -> int:
-    """Give running jobs back to the queue (clean shutdown).
+def release(
+    engine: Engine, held: Iterable[Job] | None, *, worker_id: str, refund: bool = True
+) -> int:
+    """Give running jobs back to the queue (shutdown).
 
     `held` None: every job `worker_id` still holds.  A stopping daemon releases
     that way, so a claim that committed while its task was being cancelled (the
-    daemon never learnt which jobs it took) is not stranded.  The interrupted try
-    was our doing, not the video's, so a started one is given back.
+    daemon never learnt which jobs it took) is not stranded.  On a clean stop the
+    interrupted try was our doing, not the video's, so a started one is given back
+    (`refund`); a daemon that stops because a stage crashed keeps it charged, so a
+    video that crashes its daemon still runs out of tries.
     """
     terms = _held_by(worker_id, held)
     if terms is None:
         return 0
+    attempts = _TRY_GIVEN_BACK if refund else jobs.c.attempts
     stmt = (
-        sql_update(jobs)
-        .where(*terms)
-        .values(**_UNCLAIMED, attempts=_TRY_GIVEN_BACK)
-        .returning(jobs.c.id)
+        sql_update(jobs).where(*terms).values(**_UNCLAIMED, attempts=attempts).returning(jobs.c.id)
     )
     with engine.begin() as conn:
         return len(conn.execute(stmt).all())
@@ -402,6 +412,7 @@ def requeue_abandoned(
     *,
     max_attempts: int,
     dead_workers: Sequence[str] = (),
+    spare: Iterable[Job] = (),
     now: float | None = None,
 ) -> tuple[int, int]:
     """Reaper: running jobs whose lease expired, or whose worker is known dead.
@@ -409,12 +420,18 @@ def requeue_abandoned(
     They go back to pending, or to failed once a started attempt has used the
     last of `max_attempts` (a video that kills its worker every time must not do
     so forever).  A claim that never started charged nothing and simply goes
-    back.  Returns (requeued, failed).
+    back.  `spare`: the attempts the reaping daemon itself is working on; its own
+    reaper must not take them when its heartbeat was held up behind a long write
+    (other daemons' reapers still do, once the lease has lapsed).  Returns
+    (requeued, failed).
     """
     at = clock(now)
     abandoned = (jobs.c.status == Status.RUNNING.value) & (
         (jobs.c.lease_expires_at < at) | jobs.c.worker_id.in_(list(dead_workers))
     )
+    spared = _held_by_attempts(spare)
+    if spared is not None:
+        abandoned = abandoned & ~spared
     out_of_tries = jobs.c.started_at.is_not(None) & (jobs.c.attempts >= max_attempts)
     gave_up = (
         sql_update(jobs)

@@ -95,15 +95,17 @@ def reap(
     engine: Engine,
     *,
     max_attempts: int,
+    spare: Iterable[jobs.Job] = (),
     now: float | None = None,
     alive: Callable[[int], bool] = pid_alive,
 ) -> tuple[int, int]:
-    """Requeue (or, out of attempts, fail) jobs of dead or silent workers.
+    """Requeue (or, out of attempts, fail) jobs of dead or silent workers, but never
+    the attempts in `spare` (what the calling daemon is working on).
 
     Leases are compared with the database's clock unless a test passes `now`."""
     dead = dead_local_workers(queries.running_workers(engine), alive=alive)
     requeued, failed = jobs.requeue_abandoned(
-        engine, now=now, max_attempts=max_attempts, dead_workers=dead
+        engine, now=now, max_attempts=max_attempts, dead_workers=dead, spare=spare
     )
     if requeued or failed:
         log.info(

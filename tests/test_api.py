@@ -119,6 +119,8 @@ def test_encode_audio_old_contract_same_vector_as_a_queued_job(
         ("", 400, "empty body"),
         ({"video_url": "http://127.0.0.1/x", "timeout_s": -1}, 400, "timeout_s"),
         ({"video_url": "http://127.0.0.1/x", "timeout_s": "1"}, 400, "timeout_s"),
+        ('{"video_url": "http://127.0.0.1/x", "timeout_s": NaN}', 400, "timeout_s"),
+        ('{"video_url": "http://127.0.0.1/x", "timeout_s": Infinity}', 400, "timeout_s"),
     ],
 )
 def test_encode_audio_bad_requests(

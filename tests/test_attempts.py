@@ -10,6 +10,7 @@ database's clock.  Real databases (SQLite and PostgreSQL), the real tiny model,
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -390,6 +391,35 @@ def test_release_at_shutdown_gives_back_a_started_try_only(engine: Engine) -> No
         assert row["lease_expires_at"] is None
     assert after["a"]["attempts"] == 1  # the interrupted try given back
     assert after["b"]["attempts"] == 1  # never started: left at its count, not below
+
+
+def test_release_after_a_stage_crash_keeps_the_started_try_charged(engine: Engine) -> None:
+    """A daemon stopping because a stage died may have been killed by the video it
+    held: its try stays charged, so such a video still runs out of tries."""
+    add_jobs(engine, {"a": "http://media.test/a", "b": "http://media.test/b"})
+    me = maintenance.new_worker_id()
+    a, _b = claim_all(engine, me, NOW)
+    jobs.start(engine, a, now=NOW)
+    assert jobs.release(engine, None, worker_id=me, refund=False) == 2
+    after = rows(engine)
+    assert (after["a"]["status"], after["a"]["attempts"]) == ("pending", 1)
+    assert (after["b"]["status"], after["b"]["attempts"]) == ("pending", 0)
+
+
+def test_a_daemons_own_reaper_spares_the_attempts_it_works_on(engine: Engine) -> None:
+    """Its heartbeat held up behind a long write (an import's transaction), a daemon
+    must not reap its own live jobs; a claim it does not know of (the reply was
+    lost) and other workers' expired claims are reaped as usual."""
+    add_jobs(engine, {k: f"http://media.test/{k}" for k in "abc"})
+    me = maintenance.new_worker_id()
+    a, b = jobs.claim(engine, worker_id=me, now=NOW, limit=2, lease_s=LEASE_S)
+    other = claim_one(engine, "elsewhere:1:x:y", NOW)
+    stale = dataclasses.replace(b, claims=b.claims - 1)  # an older claim of b: no shield
+    later = NOW + LEASE_S + 1
+    assert maintenance.reap(engine, now=later, max_attempts=5, spare=[a, stale]) == (2, 0)
+    after = rows(engine)
+    assert (after["a"]["status"], after["a"]["worker_id"]) == ("running", me)
+    assert after["b"]["status"] == after[other.key]["status"] == "pending"
 
 
 # --- 5. the database's clock -------------------------------------------------------

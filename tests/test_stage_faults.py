@@ -10,12 +10,15 @@ handing every other batch to the real model.  The store runs on a real database
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import shutil
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 import pytest
+import sqlalchemy.exc
 import torch
 from sqlalchemy import Engine, select
 
@@ -24,17 +27,20 @@ from runner.attempt import Attempt
 from runner.db import connect
 from runner.dbthread import DbThread
 from runner.decode import MediaInfo
-from runner.download import HostGate
+from runner.download import DownloadLimits, HostGate, make_session
 from runner.embed import WINDOW_SAMPLES, Embedder, WindowEmbedding, WindowItem, embed_audio
-from runner.errors import DownloadError
+from runner.errors import DownloadError, LocalError
 from runner.metrics import Metrics
 from runner.models import jobs as jobs_table
 from runner.progress import Progress
 from runner.retry import RetryPolicy
 from runner.stages.decoder import Decoded
-from runner.stages.embedder import EmbedLoop
+from runner.stages.downloader import ByteBudget, Downloaded, Downloader
+from runner.stages.embedder import MAX_FAILED_ALONE_IN_A_ROW, EmbedLoop, ModelBroken
 from runner.stages.inflight import Inflight
 from runner.stages.store import STORE_ERROR_CLASS, Store
+from runner.workdir import Workdir
+from tests.conftest import MediaServer
 
 WORKER = "test-worker"
 #: a window whose first sample is exactly this crashes the model
@@ -387,3 +393,100 @@ def test_store_stage_keeps_running_after_a_bad_batch(
     assert caplog.text.count("one by one") == 1
     assert len(rig.inflight) == 0
     assert rig.store.leftovers() == []
+
+
+def test_a_batch_the_dead_database_did_not_take_is_written_at_shutdown(
+    db_url: str, tmp_path: Any
+) -> None:
+    """The store task dies on a database that is gone for good (OperationalError
+    after its retries): the batch it was writing is not lost with it, the shutdown
+    finds it in `leftovers()` and writes it once a database answers."""
+    engine = connect(db_url)
+    first, second = claimed(engine, 2)
+    rig = StoreRig(engine)
+    rig.succeed(first, good_vector(1))
+    rig.succeed(second, good_vector(2))
+    attempts = [rig.store.queue.get_nowait() for _ in range(2)]  # as `run` takes them
+    gone = connect(f"sqlite:///{tmp_path / 'gone.db'}")
+    gone.dispose()
+    (tmp_path / "gone.db").unlink()
+    (tmp_path / "gone.db").mkdir()  # a directory: SQLite cannot open it
+    rig.store.db = DbThread(gone, retry_delays_s=())
+    with pytest.raises(sqlalchemy.exc.OperationalError):
+        asyncio.run(rig.store.write(attempts))
+    leftovers = rig.store.leftovers()
+    assert leftovers == attempts
+    assert rig.store.leftovers() == []  # handed over once
+
+    rig.store.db = rig.db
+    asyncio.run(rig.store.write(leftovers))
+    stored = rows(engine)
+    assert_done(stored[first.key], good_vector(1))
+    assert_done(stored[second.key], good_vector(2))
+    assert len(rig.inflight) == 0
+    engine.dispose()
+
+
+def test_a_model_that_fails_every_video_alone_stops_the_embed_stage(
+    embedder: Embedder,
+) -> None:
+    """A broken device (a CUDA error poisons every later call) must not fail the
+    whole catalogue one video at a time: after MAX_FAILED_ALONE_IN_A_ROW videos fail
+    alone with nothing embedded in between, the stage dies and so the daemon stops."""
+    flaky = FlakyEmbedder(embedder)
+    count = MAX_FAILED_ALONE_IN_A_ROW + 2
+    videos = [(Attempt(job=make_job(n)), windows_for(n, 1, first=POISON)) for n in range(count)]
+    with pytest.raises(ModelBroken, match="in a row failed alone"):
+        asyncio.run(run_embed_loop(flaky, videos, batch_seconds=30.0))
+
+
+def test_a_local_disk_error_fails_the_attempt_not_the_downloader(
+    server: MediaServer, tmp_path: Any
+) -> None:
+    """Our own disk refusing the download (here: the daemon's temp directory is
+    gone) is a transient 'local' error of that attempt; the stage goes on."""
+
+    async def main() -> Any:
+        inflight = Inflight(retry=RetryPolicy(), hosts=HostGate())
+        queue_in: asyncio.Queue[Attempt] = asyncio.Queue()
+        out: asyncio.Queue[Downloaded] = asyncio.Queue()
+        limits = DownloadLimits()
+        with Workdir(tmp_path / "work") as workdir:
+            shutil.rmtree(workdir.path)
+            async with make_session(limits, connections=2, per_host=2) as session:
+                downloader = Downloader(
+                    DbThread(connect(f"sqlite:///{tmp_path / 'unused.db'}")),
+                    inflight,
+                    HostGate(),
+                    session,
+                    limits,
+                    workdir,
+                    ByteBudget(1 << 30),
+                    queue_in,
+                    out,
+                    Metrics(),
+                )
+                task = asyncio.create_task(downloader.run())
+                replies = []
+                for n in range(2):  # the second one proves the stage survived the first
+                    job = make_job(-1 - n, attempts=0)
+                    reply = asyncio.get_running_loop().create_future()
+                    attempt = Attempt(
+                        job=dataclasses.replace(job, url=server.url("media/song.mp3")), reply=reply
+                    )
+                    inflight.add(attempt)
+                    queue_in.put_nowait(attempt)
+                    replies.append(reply)
+                done = await asyncio.wait_for(
+                    asyncio.gather(*replies, return_exceptions=True), TIMEOUT_S
+                )
+                assert not task.done()
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+                return done
+
+    errors = asyncio.run(main())
+    for error in errors:
+        assert isinstance(error, LocalError), error
+        assert error.transient and error.error_class == "local"
+        assert "writing the download failed" in str(error)

@@ -16,6 +16,10 @@ from runner.stages.lifecycle import Lifecycle
 
 log = logging.getLogger(__name__)
 
+#: hosts in backoff named in one claim (SQLite builds may allow only 999 variables);
+#: beyond these a claimed job of a blocked host is given back untouched, uncharged
+MAX_SKIPPED_HOSTS = 200
+
 
 class Claimer:
     """Keeps `config.claim_ahead` attempts in hand.
@@ -60,7 +64,7 @@ class Claimer:
             worker_id=self.worker_id,
             limit=free,
             lease_s=self.config.lease_s,
-            skip_hosts=self.hosts.blocked_hosts(now=time.time()),
+            skip_hosts=self.hosts.blocked_hosts(now=time.time())[:MAX_SKIPPED_HOSTS],
             exclude_ids=self.inflight.held_ids(),
         )
         attempts = [Attempt(job) for job in claimed]

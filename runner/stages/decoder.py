@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from runner.attempt import Attempt
 from runner.decode import AudioStream, MediaInfo
 from runner.embed import WINDOW_SAMPLES, WindowItem
-from runner.errors import DecodeError, JobError
+from runner.errors import DecodeError, JobError, LocalError
 from runner.metrics import Metrics
 from runner.stages.downloader import ByteBudget, Downloaded
 from runner.workdir import Workdir
@@ -85,6 +85,8 @@ class DecoderPool:
                 raise DecodeError(f"audio too short to embed ({stream.samples_total} samples)")
         except JobError as exc:
             return Decoded(attempt, sent, error=exc)
+        except OSError as exc:  # ffmpeg would not start, no temp space: ours, not the file's
+            return Decoded(attempt, sent, error=LocalError(f"decoding failed here: {exc}"))
         return Decoded(attempt, sent, info=info)
 
     def _put_threadsafe(self, item: WindowItem, loop: asyncio.AbstractEventLoop) -> None:

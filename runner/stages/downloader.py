@@ -14,7 +14,7 @@ from runner import jobs
 from runner.attempt import Attempt
 from runner.dbthread import DbThread
 from runner.download import DownloadLimits, HostGate, download
-from runner.errors import JobError, JobStateError
+from runner.errors import JobError, JobStateError, LocalError
 from runner.metrics import Metrics
 from runner.stages.inflight import Inflight
 from runner.workdir import Workdir
@@ -103,6 +103,10 @@ class Downloader:
         except JobError as exc:
             self.workdir.remove(dest)
             self.inflight.error(attempt, exc)
+            return
+        except OSError as exc:  # our disk, not the server: this attempt, not the daemon
+            self.workdir.remove(dest)
+            self.inflight.error(attempt, LocalError(f"writing the download failed: {exc}"))
             return
         except BaseException:
             self.workdir.remove(dest)

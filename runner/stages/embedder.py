@@ -20,6 +20,16 @@ from runner.stages.inflight import Inflight
 log = logging.getLogger(__name__)
 
 
+#: videos failed alone one after another, with no window embedded in between: past
+#: this the model or its device is broken (a CUDA error poisons every later call),
+#: and failing the whole catalogue one video at a time would be worse than stopping
+MAX_FAILED_ALONE_IN_A_ROW = 8
+
+
+class ModelBroken(RuntimeError):
+    """Every video fails alone: the embed stage stops the daemon instead."""
+
+
 def is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
@@ -50,6 +60,7 @@ class EmbedLoop:
             metrics,
         )
         self.batcher = WindowBatcher(embedder, batch_seconds)
+        self.failed_alone_in_a_row = 0
         self._model = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="runner-embed")
 
     async def run(self) -> None:
@@ -91,6 +102,7 @@ class EmbedLoop:
             return
         finally:
             self.metrics.embedded(time.monotonic() - started)
+        self.failed_alone_in_a_row = 0
         for item, part in zip(batch, parts, strict=True):
             attempt: Attempt = item.owner
             if attempt.live:
@@ -119,6 +131,12 @@ class EmbedLoop:
         log.warning("embedding job %s failed alone: %s", attempt.job.key, exc)
         error_type = EmbedOutOfMemoryError if oom else EmbedError
         self.inflight.error(attempt, error_type(f"embedding failed: {exc}"))
+        self.failed_alone_in_a_row += 1
+        if self.failed_alone_in_a_row >= MAX_FAILED_ALONE_IN_A_ROW:
+            raise ModelBroken(
+                f"{self.failed_alone_in_a_row} videos in a row failed alone in the model "
+                f"(last: {exc}); stopping rather than failing the whole catalogue"
+            ) from exc
 
     def _maybe_complete(self, attempt: Attempt) -> None:
         if attempt.live and attempt.complete:

@@ -45,6 +45,8 @@ class Store:
         self.db, self.inflight, self.metrics, self.progress = db, inflight, metrics, progress
         self.queue: asyncio.Queue[Attempt | None] = inflight.store_q  # type: ignore[assignment]
         self.batch_size = batch_size
+        #: the batch `write` is busy with: if the task dies there, the shutdown retries it
+        self._writing: list[Attempt] = []
 
     async def run(self) -> None:
         while True:
@@ -65,8 +67,10 @@ class Store:
         self.queue.put_nowait(self._DRAIN)
 
     def leftovers(self) -> list[Attempt]:
-        """What is still queued after the store task died: the shutdown writes it."""
-        items = []
+        """What the store task left when it died (the batch it was writing, then the
+        queue): the shutdown writes it.  Rewriting what did commit is harmless: the
+        fence refuses it."""
+        items, self._writing = self._writing, []
         while not self.queue.empty():
             item = self.queue.get_nowait()
             if item is not self._DRAIN:
@@ -74,6 +78,7 @@ class Store:
         return items
 
     async def write(self, attempts: Sequence[Attempt]) -> None:
+        self._writing = list(attempts)
         outcomes = [a.outcome for a in attempts if a.outcome is not None]
         try:
             lost = await self.db.call(jobs.store_outcomes, outcomes)
@@ -86,6 +91,7 @@ class Store:
                 "writing %d outcomes failed (%s); writing them one by one", len(outcomes), exc
             )
             written = await self._one_by_one(outcomes)
+        self._writing = []
         for attempt in attempts:
             self.inflight.forget(attempt)
         stored_jobs = {outcome.job for outcome in written}
