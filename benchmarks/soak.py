@@ -8,8 +8,9 @@ mid-store), sometimes a random moment after it started (while it loads).  A fina
 daemon then runs to the end.  The kills leave jobs 'running' under a dead worker's
 id; the lease is long (--lease-s 600), so only the reaper's dead-pid check can give
 them back, and the soak checks at each restart that it did.  --max-attempts is high
-because every kill costs each claimed job an attempt, and the soak is about kills,
-not about giving up.
+because every kill costs each job being worked on a try (the downloads stall on
+purpose, so the same jobs are in progress at many kills), and the soak is about
+kills, not about giving up.
 
 Counted: duplicates (a key done, then stored or downloaded again), jobs lost (not
 done at the end), and the vectors against an uninterrupted in-process run.

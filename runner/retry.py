@@ -2,8 +2,9 @@
 
 Transient errors (timeouts, dropped connections, 429/5xx) get exponential backoff
 with jitter, so a thousand jobs that failed together do not come back together;
-a server's ``Retry-After`` is a floor, never shortened.  Attempts are counted at
-claim time, so `max_attempts` also bounds a video that kills the daemon.
+a server's ``Retry-After`` is a floor, never shortened.  A try is charged when its
+download starts (`runner.jobs.start`), so `max_attempts` also bounds a video that
+kills the daemon, while jobs merely claimed ahead of a kill cost nothing.
 """
 
 from __future__ import annotations
