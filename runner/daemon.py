@@ -150,6 +150,7 @@ class Daemon:
             self.download_q,
             self.decode_q,
             self.metrics,
+            per_host=cfg.per_host,
         )
         self.decoders = DecoderPool(
             cfg.decoders,

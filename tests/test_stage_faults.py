@@ -465,6 +465,7 @@ def test_a_local_disk_error_fails_the_attempt_not_the_downloader(
                     queue_in,
                     out,
                     Metrics(),
+                    per_host=2,
                 )
                 task = asyncio.create_task(downloader.run())
                 replies = []

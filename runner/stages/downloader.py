@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +19,7 @@ from runner.download import DownloadLimits, HostGate, download
 from runner.errors import JobError, JobStateError, LocalError
 from runner.metrics import Metrics
 from runner.stages.inflight import Inflight
+from runner.urls import host_of
 from runner.workdir import Workdir
 
 log = logging.getLogger(__name__)
@@ -44,6 +47,35 @@ class ByteBudget:
         self._changed.set()
 
 
+class HostSlots:
+    """At most `per_host` transfers to one host at once, held before the try is
+    charged.  aiohttp's own per-host limit queues requests inside the connector,
+    past our backoff check: when a host answers 429, every request already queued
+    there would still go out and be charged.  Waiting here instead, the gate is
+    checked again once a slot is ours."""
+
+    def __init__(self, per_host: int) -> None:
+        self.per_host = per_host
+        self._busy: dict[str, int] = {}
+        self._changed = asyncio.Condition()
+
+    @contextlib.asynccontextmanager
+    async def hold(self, host: str) -> AsyncIterator[None]:
+        async with self._changed:
+            await self._changed.wait_for(lambda: self._busy.get(host, 0) < self.per_host)
+            self._busy[host] = self._busy.get(host, 0) + 1
+        try:
+            yield
+        finally:
+            left = self._busy[host] - 1
+            if left:
+                self._busy[host] = left
+            else:
+                del self._busy[host]
+            async with self._changed:
+                self._changed.notify_all()
+
+
 @dataclass(frozen=True)
 class Downloaded:
     """A finished download waiting for a decoder; its bytes count against the budget."""
@@ -68,21 +100,34 @@ class Downloader:
         queue_in: asyncio.Queue[Attempt],
         out: asyncio.Queue[Downloaded],
         metrics: Metrics,
+        *,
+        per_host: int,
     ) -> None:
         self.db, self.inflight, self.hosts = db, inflight, hosts
         self.session, self.limits, self.workdir, self.prefetch = session, limits, workdir, prefetch
         self.queue_in, self.out, self.metrics = queue_in, out, metrics
+        self.slots = HostSlots(per_host)
 
     async def run(self) -> None:
         while True:
             attempt = await self.queue_in.get()
             if not attempt.live:
                 continue
-            if self.hosts.blocked_until(attempt.job.url, now=time.time()) is not None:
-                self.inflight.give_back(attempt)
-                continue
-            if attempt.adhoc or await self._charge(attempt):
-                await self._download(attempt)
+            async with self.slots.hold(host_of(attempt.job.url)):
+                got = await self._fetch(attempt)
+            if got is not None:  # the host's slot is free while this waits for a decoder
+                await self.prefetch.acquire(got.size_bytes)
+                await self.out.put(got)
+
+    async def _fetch(self, attempt: Attempt) -> Downloaded | None:
+        if not attempt.live:
+            return None
+        if self.hosts.blocked_until(attempt.job.url, now=time.time()) is not None:
+            self.inflight.give_back(attempt)
+            return None
+        if attempt.adhoc or await self._charge(attempt):
+            return await self._download(attempt)
+        return None
 
     async def _charge(self, attempt: Attempt) -> bool:
         """Count the try now that work really starts; False if the job is no longer ours."""
@@ -93,7 +138,7 @@ class Downloader:
             return False
         return True
 
-    async def _download(self, attempt: Attempt) -> None:
+    async def _download(self, attempt: Attempt) -> Downloaded | None:
         dest = self.workdir.temp_path(attempt.job.id)
         started = time.monotonic()
         try:
@@ -103,17 +148,16 @@ class Downloader:
         except JobError as exc:
             self.workdir.remove(dest)
             self.inflight.error(attempt, exc)
-            return
+            return None
         except OSError as exc:  # our disk, not the server: this attempt, not the daemon
             self.workdir.remove(dest)
             self.inflight.error(attempt, LocalError(f"writing the download failed: {exc}"))
-            return
+            return None
         except BaseException:
             self.workdir.remove(dest)
             raise
         self.metrics.downloaded(got.size_bytes, time.monotonic() - started)
         if not attempt.live:  # lost its lease, or an ad-hoc caller gave up meanwhile
             self.workdir.remove(dest)
-            return
-        await self.prefetch.acquire(got.size_bytes)
-        await self.out.put(Downloaded(attempt, dest, got.size_bytes))
+            return None
+        return Downloaded(attempt, dest, got.size_bytes)
