@@ -287,7 +287,9 @@ class Daemon:
 
     # --- ad-hoc jobs (the HTTP API) ----------------------------------------------
 
-    async def encode_url(self, url: str, *, session: aiohttp.ClientSession | None = None) -> Any:
+    async def encode_url(
+        self, url: str, *, session: aiohttp.ClientSession | None = None
+    ) -> jobs.Result:
         """One URL through the same download → decode → embed stages, outside the
         database: an attempt with a negative id whose outcome answers a future."""
         if self.stopping:
@@ -295,11 +297,12 @@ class Daemon:
         job = jobs.Job(
             id=next(self._adhoc_ids), key="", url=url, attempts=0, claims=0, worker_id=""
         )
-        attempt = Attempt(job, reply=asyncio.get_running_loop().create_future(), session=session)
+        reply: asyncio.Future[jobs.Result] = asyncio.get_running_loop().create_future()
+        attempt = Attempt(job, reply=reply, session=session)
         self.inflight.add(attempt)
         try:
             await self.download_q.put(attempt)
-            return await attempt.reply  # type: ignore[misc]
+            return await reply
         finally:  # cancelled (timeout, client gone): the stages drop it
             attempt.ended = True
             self.inflight.forget(attempt)
