@@ -47,15 +47,22 @@ class Claimer:
 
     async def run(self) -> None:
         cfg, life = self.config, self.lifecycle
+        # after a claim found nothing due, the next waits `poll_s`: a claim scans past
+        # every pending job of a host in backoff, so it must not run five times a second
+        next_claim_s = 0.0
         while not life.stop.is_set():
-            if not life.draining and cfg.claim_jobs and await self.claim():
-                continue
+            may_claim = cfg.claim_jobs and not life.draining and time.monotonic() >= next_claim_s
+            if may_claim and len(self.inflight) < cfg.claim_ahead:
+                if await self.claim():
+                    continue
+                next_claim_s = time.monotonic() + cfg.poll_s
             if not len(self.inflight) and await self._drained():
                 life.stop.set()
                 return
             await life.sleep(0.2 if len(self.inflight) else cfg.poll_s)
 
     async def claim(self) -> bool:
+        """Claim up to the free capacity; False if nothing was due."""
         free = self.config.claim_ahead - len(self.inflight)
         if free <= 0:
             return False
