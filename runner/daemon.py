@@ -41,7 +41,7 @@ from runner.progress import Progress, read_counts
 from runner.stages.claimer import Claimer
 from runner.stages.decoder import Decoded, DecoderPool
 from runner.stages.downloader import ByteBudget, Downloaded, Downloader
-from runner.stages.embedder import EmbedLoop
+from runner.stages.embedder import EmbedLoop, model_thread
 from runner.stages.inflight import Inflight
 from runner.stages.lifecycle import Lifecycle
 from runner.stages.store import Store
@@ -73,6 +73,7 @@ class Daemon:
         self.inflight = Inflight(retry=config.retry, hosts=self.hosts)
         self.metrics = Metrics()
         self.db = DbThread(engine)
+        self._model_thread = model_thread()
         self.api_url: str | None = None  # set once the HTTP API listens
         self.tasks: list[asyncio.Task] = []
         #: a stage died: the tries of what is held stay charged (see jobs.release)
@@ -102,7 +103,7 @@ class Daemon:
         self._install_signals(loop)
         await self._reap()
         if self.embedder is None:
-            self.embedder = await loop.run_in_executor(None, self._load_model)
+            self.embedder = await loop.run_in_executor(self._model_thread, self._load_model)
         scheduler = self._scheduler(loop)
         with Workdir(self.config.workdir) as workdir:
             async with make_session(
@@ -163,7 +164,12 @@ class Daemon:
         )
         batch_s = cfg.batch_seconds or default_batch_seconds(embedder.device)
         self.embed_loop = EmbedLoop(
-            embedder, self.window_q, self.inflight, self.metrics, batch_seconds=batch_s
+            embedder,
+            self.window_q,
+            self.inflight,
+            self.metrics,
+            batch_seconds=batch_s,
+            thread=self._model_thread,
         )
         self.store = Store(
             self.db, self.inflight, self.metrics, self.progress, batch_size=cfg.store_batch

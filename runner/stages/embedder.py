@@ -30,6 +30,12 @@ class ModelBroken(RuntimeError):
     """Every video fails alone: the embed stage stops the daemon instead."""
 
 
+def model_thread() -> concurrent.futures.ThreadPoolExecutor:
+    """The one thread that owns the model: the daemon loads it there and the embed
+    loop runs it there (CUDA state and allocator caches stay with one thread)."""
+    return concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="runner-embed")
+
+
 def is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
@@ -52,6 +58,7 @@ class EmbedLoop:
         metrics: Metrics,
         *,
         batch_seconds: float,
+        thread: concurrent.futures.ThreadPoolExecutor | None = None,
     ) -> None:
         self.embedder, self.queue_in, self.inflight, self.metrics = (
             embedder,
@@ -61,7 +68,7 @@ class EmbedLoop:
         )
         self.batcher = WindowBatcher(embedder, batch_seconds)
         self.failed_alone_in_a_row = 0
-        self._model = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="runner-embed")
+        self._model = thread or model_thread()
 
     async def run(self) -> None:
         while True:
