@@ -56,3 +56,46 @@ def test_wal_mode(tmp_path: Path) -> None:
     with engine.connect() as conn:
         assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
         assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() >= 10_000
+
+
+def test_0003_fills_in_the_host_of_existing_rows(any_db_url: str) -> None:
+    """A database of the previous schema, running jobs and all, upgrades in place:
+    every row with a URL gets its host (as the import computes it), claims start at 0."""
+    from alembic import command
+
+    from runner.db import alembic_config, migrate
+    from runner.urls import host_of
+
+    engine = make_engine(any_db_url)
+    with engine.begin() as conn:
+        cfg = alembic_config()
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0002")
+    urls = {
+        "plain": "http://Example.COM/a.mp4",
+        "port": "https://cdn.example.org:8443/b.mp4?x=1",
+        "v6": "http://[::1]:80/c.mp4",
+        "none": None,
+    }
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO jobs (key, url, status, attempts, created_at) "
+                "VALUES (:key, :url, 'pending', 0, 0)"
+            ),
+            [{"key": key, "url": url} for key, url in urls.items()],
+        )
+    migrate(engine)
+    with engine.connect() as conn:
+        rows = {r.key: r for r in conn.execute(text("SELECT key, host, claims FROM jobs"))}
+    assert {key: rows[key].host for key in urls} == {
+        "plain": "example.com",
+        "port": "cdn.example.org",
+        "v6": "::1",
+        "none": None,
+    }
+    assert {key: host_of(url) or None for key, url in urls.items()} == {
+        key: rows[key].host for key in urls
+    }
+    assert {r.claims for r in rows.values()} == {0}
+    engine.dispose()
