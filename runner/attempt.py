@@ -50,6 +50,8 @@ class Attempt:
     #: ad-hoc: the session to fetch with (the API's, guarded against private
     #: addresses); None: the daemon's own
     session: aiohttp.ClientSession | None = None
+    #: its download while one runs, so dropping the attempt frees the slot at once
+    transfer: asyncio.Future | None = None
 
     @property
     def adhoc(self) -> bool:
@@ -61,6 +63,12 @@ class Attempt:
         if self.ended or self.lost:
             return False
         return self.reply is None or not self.reply.done()
+
+    def stop_work(self) -> None:
+        """It is no longer wanted (lease lost, ad-hoc caller gone): cancel its
+        download now rather than let it hold a slot to the end."""
+        if self.transfer is not None and not self.transfer.done():
+            self.transfer.cancel()
 
     def charge(self, job: jobs.Job) -> None:
         """Its download starts: `job` is the record after the database charged the try."""

@@ -311,6 +311,7 @@ class Daemon:
             return await reply
         finally:  # cancelled (timeout, client gone): the stages drop it
             attempt.ended = True
+            attempt.stop_work()
             self.inflight.forget(attempt)
 
     def abandon_adhoc(self, reason: str) -> None:

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import sqlalchemy.exc
 import torch
+from aiohttp import web
 from sqlalchemy import Engine, select
 
 from runner import catalogue, jobs
@@ -41,6 +42,7 @@ from runner.stages.inflight import Inflight
 from runner.stages.store import STORE_ERROR_CLASS, Store
 from runner.workdir import Workdir
 from tests.conftest import MediaServer
+from tests.threaded_server import serve_in_thread
 
 WORKER = "test-worker"
 #: a window whose first sample is exactly this crashes the model
@@ -491,3 +493,78 @@ def test_a_local_disk_error_fails_the_attempt_not_the_downloader(
         assert isinstance(error, LocalError), error
         assert error.transient and error.error_class == "local"
         assert "writing the download failed" in str(error)
+
+
+def stalling_app() -> web.Application:
+    """Headers and a first chunk at once, then nothing for a minute."""
+
+    async def stall(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "video/mp4"})
+        response.content_length = 1 << 20
+        await response.prepare(request)
+        await response.write(b"\0" * 4096)
+        await asyncio.sleep(60)
+        return response
+
+    app = web.Application()
+    app.router.add_get("/stall", stall)
+    return app
+
+
+def test_dropping_an_attempt_cancels_its_download_and_frees_the_slot(
+    server: MediaServer, tmp_path: Any
+) -> None:
+    """An attempt whose lease was lost (or whose caller left) stops downloading at
+    once: the one download slot is free for the next attempt within a second, not
+    after the read timeout, and no temp file stays behind."""
+
+    async def main(stall_url: str) -> tuple[float, Any]:
+        inflight = Inflight(retry=RetryPolicy(), hosts=HostGate())
+        queue_in: asyncio.Queue[Attempt] = asyncio.Queue()
+        out: asyncio.Queue[Downloaded] = asyncio.Queue()
+        limits = DownloadLimits(read_timeout_s=30)
+        with Workdir(tmp_path / "work") as workdir:
+            async with make_session(limits, connections=1, per_host=1) as session:
+                downloader = Downloader(
+                    DbThread(connect(f"sqlite:///{tmp_path / 'unused.db'}")),
+                    inflight,
+                    HostGate(),
+                    session,
+                    limits,
+                    workdir,
+                    ByteBudget(1 << 30),
+                    queue_in,
+                    out,
+                    Metrics(),
+                    per_host=1,
+                )
+                task = asyncio.create_task(downloader.run())  # one slot: one task
+                loop = asyncio.get_running_loop()
+                stalled, good = (
+                    Attempt(
+                        job=dataclasses.replace(make_job(-1 - n, attempts=0), url=url),
+                        reply=loop.create_future(),
+                    )
+                    for n, url in enumerate([stall_url, server.url("media/song.mp3")])
+                )
+                for attempt in (stalled, good):
+                    inflight.add(attempt)
+                    queue_in.put_nowait(attempt)
+                while stalled.transfer is None or not any(workdir.path.glob("*.part")):
+                    await asyncio.sleep(0.01)
+                await asyncio.sleep(0.2)  # well inside the stalled body
+                dropped_at = loop.time()
+                inflight.drop_lost(stalled, "its lease was lost")
+                got = await asyncio.wait_for(out.get(), TIMEOUT_S)
+                took_s = loop.time() - dropped_at
+                assert not task.done()
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+                leftover = [p.name for p in workdir.path.glob("*.part")]
+                assert leftover == [got.path.name], leftover  # only the good one's file
+                return took_s, got
+
+    with serve_in_thread(stalling_app(), name="stalling-server") as base_url:
+        took_s, got = asyncio.run(main(f"{base_url}/stall"))
+    assert got.attempt.job.id == -2 and got.size_bytes > 0
+    assert took_s < 5, took_s  # not the 30 s read timeout

@@ -141,10 +141,18 @@ class Downloader:
     async def _download(self, attempt: Attempt) -> Downloaded | None:
         dest = self.workdir.temp_path(attempt.job.id)
         started = time.monotonic()
+        session = attempt.session or self.session
+        attempt.transfer = asyncio.ensure_future(
+            download(session, attempt.job.url, dest, self.limits)
+        )
         try:
-            got = await download(
-                attempt.session or self.session, attempt.job.url, dest, self.limits
-            )
+            got = await attempt.transfer
+        except asyncio.CancelledError:
+            self.workdir.remove(dest)
+            current = asyncio.current_task()
+            if (current is not None and current.cancelling()) or attempt.live:
+                raise  # the stage itself is stopping
+            return None  # the attempt was dropped (lease lost, caller gone): slot freed
         except JobError as exc:
             self.workdir.remove(dest)
             self.inflight.error(attempt, exc)
@@ -156,6 +164,8 @@ class Downloader:
         except BaseException:
             self.workdir.remove(dest)
             raise
+        finally:
+            attempt.transfer = None
         self.metrics.downloaded(got.size_bytes, time.monotonic() - started)
         if not attempt.live:  # lost its lease, or an ad-hoc caller gave up meanwhile
             self.workdir.remove(dest)

@@ -101,6 +101,7 @@ class Inflight:
         if attempt in self._held and attempt.live:
             log.warning("job %s: %s; dropping its attempt", attempt.job.key, why)
         attempt.lost = True
+        attempt.stop_work()
         self.forget(attempt)
 
     def abandon_adhoc(self, reason: str) -> None:
