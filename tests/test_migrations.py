@@ -11,6 +11,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import text
 
+from runner import jobs
 from runner.db import connect, current_revision, head_revision, make_engine
 from runner.errors import RunnerError
 from runner.models import metadata
@@ -85,6 +86,13 @@ def test_0003_fills_in_the_host_of_existing_rows(any_db_url: str) -> None:
             ),
             [{"key": key, "url": url} for key, url in urls.items()],
         )
+        # claimed by a daemon of the previous version: its try was charged at the claim
+        conn.execute(
+            text(
+                "UPDATE jobs SET status = 'running', attempts = 5, worker_id = 'old:1:x:y',"
+                " claimed_at = 10, lease_expires_at = 20 WHERE key = 'plain'"
+            )
+        )
     migrate(engine)
     with engine.connect() as conn:
         rows = {r.key: r for r in conn.execute(text("SELECT key, host, claims FROM jobs"))}
@@ -98,4 +106,6 @@ def test_0003_fills_in_the_host_of_existing_rows(any_db_url: str) -> None:
         key: rows[key].host for key in urls
     }
     assert {r.claims for r in rows.values()} == {0}
+    # that daemon died: the charged try counts, and with it the job is out of tries
+    assert jobs.requeue_abandoned(engine, now=30.0, max_attempts=5) == (0, 1)
     engine.dispose()

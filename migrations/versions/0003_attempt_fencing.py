@@ -33,6 +33,9 @@ def upgrade() -> None:
         batch.add_column(sa.Column("claims", sa.Integer, nullable=False, server_default="0"))
         batch.add_column(sa.Column("started_at", sa.Float, nullable=True))
         batch.add_column(sa.Column("host", sa.Text, nullable=True))
+    # Jobs running under the previous schema had their try charged at the claim:
+    # mark them started, so the reaper still counts that try if their daemon died.
+    op.execute("UPDATE jobs SET started_at = claimed_at WHERE status = 'running'")
     _backfill_hosts()
 
 
