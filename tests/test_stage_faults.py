@@ -36,7 +36,7 @@ from runner.models import jobs as jobs_table
 from runner.progress import Progress
 from runner.retry import RetryPolicy
 from runner.stages.decoder import Decoded
-from runner.stages.downloader import ByteBudget, Downloaded, Downloader
+from runner.stages.downloader import ByteBudget, Downloader
 from runner.stages.embedder import MAX_FAILED_ALONE_IN_A_ROW, EmbedLoop, ModelBroken
 from runner.stages.inflight import Inflight
 from runner.stages.store import STORE_ERROR_CLASS, Store
@@ -442,6 +442,25 @@ def test_a_model_that_fails_every_video_alone_stops_the_embed_stage(
         asyncio.run(run_embed_loop(flaky, videos, batch_seconds=30.0))
 
 
+def make_downloader(
+    session: Any, limits: DownloadLimits, workdir: Workdir, tmp_path: Any, *, per_host: int
+) -> Downloader:
+    """A real download stage with its own queues, for ad-hoc attempts (no database)."""
+    return Downloader(
+        DbThread(connect(f"sqlite:///{tmp_path / 'unused.db'}")),
+        Inflight(retry=RetryPolicy(), hosts=HostGate()),
+        HostGate(),
+        session,
+        limits,
+        workdir,
+        ByteBudget(1 << 30),
+        asyncio.Queue(),
+        asyncio.Queue(),
+        Metrics(),
+        per_host=per_host,
+    )
+
+
 def test_a_local_disk_error_fails_the_attempt_not_the_downloader(
     server: MediaServer, tmp_path: Any
 ) -> None:
@@ -449,26 +468,12 @@ def test_a_local_disk_error_fails_the_attempt_not_the_downloader(
     gone) is a transient 'local' error of that attempt; the stage goes on."""
 
     async def main() -> Any:
-        inflight = Inflight(retry=RetryPolicy(), hosts=HostGate())
-        queue_in: asyncio.Queue[Attempt] = asyncio.Queue()
-        out: asyncio.Queue[Downloaded] = asyncio.Queue()
         limits = DownloadLimits()
         with Workdir(tmp_path / "work") as workdir:
             shutil.rmtree(workdir.path)
             async with make_session(limits, connections=2, per_host=2) as session:
-                downloader = Downloader(
-                    DbThread(connect(f"sqlite:///{tmp_path / 'unused.db'}")),
-                    inflight,
-                    HostGate(),
-                    session,
-                    limits,
-                    workdir,
-                    ByteBudget(1 << 30),
-                    queue_in,
-                    out,
-                    Metrics(),
-                    per_host=2,
-                )
+                downloader = make_downloader(session, limits, workdir, tmp_path, per_host=2)
+                inflight, queue_in = downloader.inflight, downloader.queue_in
                 task = asyncio.create_task(downloader.run())
                 replies = []
                 for n in range(2):  # the second one proves the stage survived the first
@@ -519,25 +524,11 @@ def test_dropping_an_attempt_cancels_its_download_and_frees_the_slot(
     after the read timeout, and no temp file stays behind."""
 
     async def main(stall_url: str) -> tuple[float, Any]:
-        inflight = Inflight(retry=RetryPolicy(), hosts=HostGate())
-        queue_in: asyncio.Queue[Attempt] = asyncio.Queue()
-        out: asyncio.Queue[Downloaded] = asyncio.Queue()
         limits = DownloadLimits(read_timeout_s=30)
         with Workdir(tmp_path / "work") as workdir:
             async with make_session(limits, connections=1, per_host=1) as session:
-                downloader = Downloader(
-                    DbThread(connect(f"sqlite:///{tmp_path / 'unused.db'}")),
-                    inflight,
-                    HostGate(),
-                    session,
-                    limits,
-                    workdir,
-                    ByteBudget(1 << 30),
-                    queue_in,
-                    out,
-                    Metrics(),
-                    per_host=1,
-                )
+                downloader = make_downloader(session, limits, workdir, tmp_path, per_host=1)
+                inflight, queue_in, out = downloader.inflight, downloader.queue_in, downloader.out
                 task = asyncio.create_task(downloader.run())  # one slot: one task
                 loop = asyncio.get_running_loop()
                 stalled, good = (
