@@ -455,12 +455,14 @@ class Timestamp(click.ParamType):
 @click.option(
     "--format",
     "fmt",
-    type=click.Choice(["json", "npz"]),
+    type=click.Choice(["json", "npz", "parquet"]),
     default="json",
     show_default=True,
     help="json: audio_vectors.json, audio_process.json, audio_fail.json (the old "
-    "script's files).  npz: vectors.npz (keys, vectors float32 N x D), "
-    "process.json, fail.json.",
+    "script's files; vectors with NaN/Inf are skipped with a warning).  npz: "
+    "vectors.npz (keys, keys_utf8 + key_offsets, vectors float32 N x D), "
+    "process.json, fail.json.  parquet: vectors.parquet (key, url, vector "
+    "fixed_size_list<float32>[D], facts, model, finished_at) and failed.parquet.",
 )
 @click.option(
     "--pca",
@@ -481,7 +483,11 @@ class Timestamp(click.ParamType):
     "With --pca the fit still uses every done vector.",
 )
 @click.option(
-    "--merge", is_flag=True, help="Keep keys of existing files that the DB lacks (--format json)."
+    "--merge",
+    is_flag=True,
+    help="Keep the entries of existing files that this export does not rewrite: keys "
+    "the DB lacks and, with --only-done-since, keys that finished before it "
+    "(--format json).",
 )
 @click.pass_context
 def export(
@@ -500,6 +506,13 @@ def export(
         + (f", PCA to {counts.pca} dimensions" if counts.pca else "")
         + f" to {out}: {', '.join(counts.files)}"
     )
+    if counts.skipped:
+        click.echo(
+            f"runner: warning: skipped {counts.skipped} vector(s) holding NaN or Inf, "
+            f"which JSON cannot hold (first: {counts.skipped_key!r}); "
+            "--format npz or parquet writes them as stored",
+            err=True,
+        )
 
 
 @main.command()

@@ -204,6 +204,8 @@ def test_pca_from_json_export_equals_pca_from_npz(cli: Cli, engine: Engine, tmp_
             == sorted(
                 [
                     "keys",
+                    "keys_utf8",
+                    "key_offsets",
                     "vectors",
                     "components",
                     "mean",

@@ -1,0 +1,130 @@
+"""What every export format shares: one read snapshot, streamed rows, atomic files.
+
+Split out of runner/export.py so each format's module can use it without importing
+the others (the façade, runner/export.py, imports them all).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+from collections.abc import Generator, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+from sqlalchemy import Connection, Engine, func, select
+
+from runner.db import READ_ONLY
+from runner.errors import RunnerError
+from runner.jobs import Status
+from runner.models import jobs
+
+#: rows per database round trip of a streamed query
+STREAM_ROWS = 500
+#: file buffer: one vector's JSON is ~11 KB, so the default 8 KB would mean a
+#: write(2) per row
+WRITE_BUFFER_BYTES = 1 << 20
+
+
+@contextlib.contextmanager
+def _atomic(path: Path, mode: str) -> Iterator[IO[Any]]:
+    """A reader or a crash never sees half a file: write a temp file in the same
+    directory, fsync it, rename it over `path`.  On any error the temp file goes
+    and whatever `path` held before stays."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        encoding = None if "b" in mode else "utf-8"
+        with tmp.open(mode, buffering=WRITE_BUFFER_BYTES, encoding=encoding) as stream:
+            yield stream
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def atomic_text(path: Path) -> contextlib.AbstractContextManager[IO[str]]:
+    return _atomic(path, "w")
+
+
+def atomic_binary(path: Path) -> contextlib.AbstractContextManager[IO[bytes]]:
+    return _atomic(path, "wb")
+
+
+@contextlib.contextmanager
+def reading(engine: Engine) -> Iterator[Connection]:
+    """One read transaction for the whole export: a consistent snapshot (SQLite WAL
+    gives one per transaction; PostgreSQL needs REPEATABLE READ for it)."""
+    with engine.connect() as conn:
+        conn = conn.execution_options(**{READ_ONLY: True})
+        if conn.dialect.name == "postgresql":
+            conn = conn.execution_options(isolation_level="REPEATABLE READ")
+        with conn.begin():
+            yield conn
+
+
+def stream(conn: Connection, stmt: Any) -> Generator[Any, None, None]:
+    result = conn.execute(stmt.execution_options(yield_per=STREAM_ROWS))
+    try:
+        yield from result
+    finally:
+        result.close()
+
+
+def finished(status: Status, since: float | None) -> list[Any]:
+    where = [jobs.c.status == status.value]
+    if since is not None:
+        where.append(jobs.c.finished_at >= since)
+    return where
+
+
+def vectors_where(since: float | None) -> list[Any]:
+    """Done rows that have a vector (every format exports exactly these)."""
+    return [*finished(Status.DONE, since), jobs.c.vector.is_not(None)]
+
+
+@dataclass(frozen=True)
+class Shape:
+    rows: int
+    dim: int
+
+
+def shape(conn: Connection, where: list[Any]) -> Shape:
+    """How many vectors, of what dimension: what to preallocate or declare."""
+    stmt = select(func.count(), func.min(jobs.c.vector_dim), func.max(jobs.c.vector_dim))
+    rows, low, high = conn.execute(stmt.where(*where)).one()
+    if rows and low != high:
+        raise RunnerError(
+            f"the done vectors have different dimensions ({low} to {high}), e.g. from "
+            "different models; --format npz, --format parquet and --pca need one "
+            "(--format json takes any)"
+        )
+    return Shape(rows=int(rows), dim=int(low or 0))
+
+
+def chunks(
+    conn: Connection, stmt: Any, dim: int, sizes: Iterable[int]
+) -> Iterator[tuple[list[Any], np.ndarray]]:
+    """(rows, their vectors as a float32 matrix) in the sizes asked for, from one
+    streamed query whose rows have `vector`.  Only one chunk is in memory at a time."""
+    rows = stream(conn, stmt)
+    try:
+        for size in sizes:
+            batch = list(itertools.islice(rows, size))
+            if len(batch) < size:  # only if the snapshot was not one (it should be)
+                raise RunnerError("the database changed during the export; run it again")
+            vectors = np.empty((size, dim), dtype=np.float32)
+            for i, row in enumerate(batch):
+                vectors[i] = np.frombuffer(row.vector, dtype="<f4", count=dim)
+            yield batch, vectors
+    finally:
+        rows.close()
+
+
+def even_sizes(rows: int, size: int) -> list[int]:
+    """`rows` cut into chunks of `size` (the last one smaller)."""
+    return [min(size, rows - start) for start in range(0, rows, max(1, size))]
