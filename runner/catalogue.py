@@ -4,26 +4,53 @@ The catalogue can hold millions of records, so it is parsed incrementally (ijson
 and written in batches; memory depends on the batch size, not the file size.  The
 whole import is one transaction: a file that turns out to be broken half-way
 writes nothing.
+
+Streaming must not cost much time either (benchmarks/bench_import.py compares it
+with json.load plus one executemany): each record is a plain tuple built from the
+dict the parser made (no copy), metadata is encoded with orjson, a first import
+into an empty table inserts each batch without looking up its keys first (and,
+on SQLite, builds the secondary indexes once at the end), and the cyclic garbage
+collector waits until the import is done.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
+import gc
+import itertools
 import logging
 import re
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 from urllib.parse import urlsplit
 
 import ijson
-from sqlalchemy import Connection, Engine
+from sqlalchemy import Engine
 
+from runner.catalogue_write import (
+    SIMPLE_HOST,
+    ImportCounts,
+    Record,
+    Row,
+    bulk_load,
+    upsert_records,
+    write_batch,
+)
 from runner.errors import RunnerError
-from runner.jobs import Status
-from runner.urls import host_of
+
+__all__ = [  # the writes live in runner.catalogue_write; callers import them from here
+    "CatalogueFormat",
+    "ImportCounts",
+    "Record",
+    "Rejected",
+    "import_catalogue",
+    "iter_records",
+    "upsert_records",
+    "url_problem",
+]
 
 BATCH_RECORDS = 5_000
 MAX_KEY_CHARS = 4_096
@@ -35,30 +62,6 @@ log = logging.getLogger(__name__)
 class CatalogueFormat:
     key_field: str = "id"
     url_field: str = "url"
-
-
-@dataclass(frozen=True)
-class Record:
-    """One catalogue entry; `invalid` holds why its URL cannot be used, if so."""
-
-    key: str
-    url: str | None
-    meta: dict
-    invalid: str | None = None
-
-
-@dataclass
-class ImportCounts:
-    inserted: int = 0
-    updated: int = 0
-    unchanged: int = 0
-    invalid: int = 0
-
-    def add(self, other: ImportCounts) -> None:
-        self.inserted += other.inserted
-        self.updated += other.updated
-        self.unchanged += other.unchanged
-        self.invalid += other.invalid
 
 
 #: The common case, checked without urlsplit's cost: scheme, "//", then a host with
@@ -90,18 +93,28 @@ def url_problem(url: object) -> str | None:
     return None
 
 
-def _record(key: str, value: Any, fmt: CatalogueFormat) -> Record:
+def _row(key: str, value: Any, url_field: str) -> Row:
+    """The record `value` (what the parser made, ours to change) as a row.
+
+    The URL is popped from the parsed dict and the rest of it is the metadata: no
+    copy.  The common URL costs one regex match, which proves it usable (a simple
+    host implies `_PLAUSIBLE_URL`) and yields its host; the careful checks are for
+    the rest.
+    """
     if not isinstance(value, dict):
-        return Record(
-            key=key, url=None, meta={}, invalid=f"record is not an object ({type(value).__name__})"
-        )
-    raw_url = value.get(fmt.url_field)
-    problem = url_problem(raw_url)
-    url = raw_url.strip() if isinstance(raw_url, str) else None
-    meta = {k: v for k, v in value.items() if k != fmt.url_field}
+        return (key, None, {}, f"record is not an object ({type(value).__name__})", None)
+    url = value.pop(url_field, None)
+    if isinstance(url, str):
+        simple = SIMPLE_HOST.match(url)
+        if simple:  # no leading blank, and a host ending where the URL does, or at / ? #
+            return (key, url.strip(), value, None, simple.group(1).lower())
+        problem = url_problem(url)
+        url = url.strip()
+    else:
+        problem, url = url_problem(url), None
     if problem is not None:
-        problem = f"{problem} (field {fmt.url_field!r})"
-    return Record(key=key, url=url, meta=meta, invalid=problem)
+        problem = f"{problem} (field {url_field!r})"
+    return (key, url, value, problem, None)
 
 
 def _top_level_kind(stream: BinaryIO, path: Path) -> str:
@@ -147,24 +160,32 @@ def iter_records(
     stream: BinaryIO, path: Path, fmt: CatalogueFormat, rejected: Rejected, parser: Any = ijson
 ) -> Iterator[Record]:
     """`parser`: the ijson module (fastest backend) or `ijson.get_backend("python")`."""
+    return map(Record._make, _rows(stream, path, fmt, rejected, parser))
+
+
+def _rows(
+    stream: BinaryIO, path: Path, fmt: CatalogueFormat, rejected: Rejected, parser: Any
+) -> Iterator[Row]:
     kind = _top_level_kind(stream, path)
+    url_field = fmt.url_field
     if kind == "object":
         for key, value in parser.kvitems(stream, "", use_float=True):
-            problem = _key_problem(key)
-            if problem:
-                rejected.add(problem)
+            # an object's keys are strings: only empty and too long ones are refused
+            if not key or len(key) > MAX_KEY_CHARS:
+                rejected.add(_key_problem(key) or "key is not usable")
                 continue
-            yield _record(key, value, fmt)
+            yield _row(key, value, url_field)
         return
+    key_field = fmt.key_field
     for index, value in enumerate(parser.items(stream, "item", use_float=True)):
-        key = value.get(fmt.key_field) if isinstance(value, dict) else None
-        problem = _key_problem(key) if key is not None else f"no {fmt.key_field!r} field"
+        key = value.get(key_field) if isinstance(value, dict) else None
+        problem = _key_problem(key) if key is not None else f"no {key_field!r} field"
         if problem:
             rejected.add(f"record #{index}: {problem}")
             continue
-        record = _record(str(key), value, fmt)
-        meta = {k: v for k, v in record.meta.items() if k != fmt.key_field}
-        yield Record(key=record.key, url=record.url, meta=meta, invalid=record.invalid)
+        row = _row(str(key), value, url_field)
+        row[2].pop(key_field, None)  # the metadata is the parsed dict, the key not in it
+        yield row
 
 
 def _json_error_position(path: Path) -> str:
@@ -203,14 +224,33 @@ def import_catalogue(
     engine: Engine, path: Path, fmt: CatalogueFormat, *, now: float | None = None
 ) -> tuple[ImportCounts, Rejected]:
     now = time.time() if now is None else now
+    with _no_cyclic_gc():
+        try:
+            return _import_with(ijson, engine, path, fmt, now=now)
+        except _BigIntegers:
+            # The C backend stops at any integer beyond 64 bits (a tweet id, say),
+            # even in metadata we only carry along; the pure-Python one takes them,
+            # slower.  The first pass rolled back, so nothing is counted twice.
+            log.info("%s holds integers beyond 64 bits: importing with the Python parser", path)
+            return _import_with(ijson.get_backend("python"), engine, path, fmt, now=now)
+
+
+@contextlib.contextmanager
+def _no_cyclic_gc() -> Iterator[None]:
+    """The cyclic garbage collector paused for the import, then as it was.
+
+    An import makes millions of short-lived objects (parsed dicts, rows), none in a
+    cycle, so reference counting frees them all; but the collector, counting them
+    as they come, kept walking every object the process holds (SQLAlchemy, Alembic)
+    and took a seventh of a large import's time.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
     try:
-        return _import_with(ijson, engine, path, fmt, now=now)
-    except _BigIntegers:
-        # The C backend stops at any integer beyond 64 bits (a tweet id, say), even
-        # in metadata we only carry along; the pure-Python one takes them, slower.
-        # The first pass rolled back, so nothing is counted twice.
-        log.info("%s holds integers beyond 64 bits: importing with the Python parser", path)
-        return _import_with(ijson.get_backend("python"), engine, path, fmt, now=now)
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 class _BigIntegers(Exception):
@@ -225,14 +265,14 @@ def _import_with(
         stream = path.open("rb")
     except OSError as exc:
         raise RunnerError(f"cannot read {path}: {exc.strerror}") from None
-    with stream, engine.begin() as conn:
-        batch: list[Record] = []
+    with stream, engine.begin() as conn, bulk_load(conn) as insert_first:
+        # Into a table empty at the start, nearly every record is new: insert first
+        # and look keys up only in a batch where some turned out to exist already
+        # (a key repeated in the file, or another import's, on PostgreSQL).
+        rows = _rows(stream, path, fmt, rejected, parser)
         try:
-            for record in iter_records(stream, path, fmt, rejected, parser):
-                batch.append(record)
-                if len(batch) >= BATCH_RECORDS:
-                    counts.add(upsert_records(conn, batch, now=now))
-                    batch.clear()
+            while batch := list(itertools.islice(rows, BATCH_RECORDS)):
+                counts.add(write_batch(conn, batch, now=now, insert_first=insert_first))
         except ijson.JSONError as exc:
             if "integer overflow" in str(exc) and parser is ijson:
                 raise _BigIntegers from None
@@ -245,163 +285,5 @@ def _import_with(
             raise RunnerError(
                 f"{path}: not UTF-8 text ({exc.reason}); nothing was imported"
             ) from None
-        counts.add(upsert_records(conn, batch, now=now))
     counts.invalid += rejected.count
     return counts, rejected
-
-
-# --- writing a batch ---------------------------------------------------------------
-#
-# The import's hot path: plain SQL on the DB-API cursor, one read of the batch's
-# existing rows, then one INSERT and one UPDATE for the whole batch.  What a record
-# may change is decided again inside each statement (ON CONFLICT, the UPDATE's
-# WHERE and CASEs), so a row a daemon or another import changes between the read
-# and the write is still handled by the rules, not by what the read saw.
-
-_INSERT = (
-    "INSERT INTO jobs (key, url, host, meta, status, attempts, error, error_class, created_at,"
-    " finished_at) VALUES (:key, :url, :host, :meta, :status, 0, :error, :error_class, :now,"
-    " :finished_at) ON CONFLICT (key) DO NOTHING"
-)
-
-#: rows whose URL an import may replace; a done job keeps its URL and its vector
-_URL_REPLACEABLE = (Status.PENDING.value, Status.FAILED.value, Status.RUNNING.value)
-
-# A job that is not done and whose URL changed takes the new URL (and its host).  A
-# usable URL puts it in pending, an unusable one fails it.  A failed job starts
-# again with no attempts spent.  So does a running one: its attempt fetches the old
-# URL, so the job is taken from its worker (lease and worker cleared; `claims` is
-# left alone, so the stale attempt's writes are refused at store time).  Done rows,
-# and rows whose URL already is the new one (a concurrent import), are not matched.
-# (CAST: PostgreSQL cannot infer a parameter's type from `IS NOT NULL` alone.)
-_UPDATE_URL_SQL = (
-    "UPDATE jobs SET url = :url, host = :host, meta = :meta,"
-    " status = CASE WHEN CAST(:invalid AS TEXT) IS NOT NULL THEN 'failed' ELSE 'pending' END,"
-    " attempts = CASE WHEN status IN ('failed', 'running') THEN 0 ELSE attempts END,"
-    " worker_id = CASE WHEN status = 'running' THEN NULL ELSE worker_id END,"
-    " claimed_at = CASE WHEN status = 'running' THEN NULL ELSE claimed_at END,"
-    " lease_expires_at = CASE WHEN status = 'running' THEN NULL ELSE lease_expires_at END,"
-    " started_at = CASE WHEN status = 'running' THEN NULL ELSE started_at END,"
-    " error = :error, error_class = :error_class, http_status = NULL,"
-    " finished_at = CASE WHEN CAST(:invalid AS TEXT) IS NOT NULL THEN :now ELSE finished_at END,"
-    " not_before = NULL"
-    " WHERE key = :key AND status IN ('pending', 'failed', 'running') AND url {distinct} :url"
-)
-_UPDATE_URL = {
-    "postgresql": _UPDATE_URL_SQL.format(distinct="IS DISTINCT FROM"),
-    "sqlite": _UPDATE_URL_SQL.format(distinct="IS NOT"),
-}
-
-_EXISTING = {
-    "postgresql": "SELECT key, url, status FROM jobs WHERE key = ANY(:keys)",
-    "sqlite": "SELECT key, url, status FROM jobs WHERE key IN (SELECT value FROM json_each(:keys))",
-}
-
-# PostgreSQL: the whole batch as one statement over column arrays; an executemany
-# of single-row INSERTs costs a round trip per row (3x slower than SQLite's).
-_INSERT_ARRAYS = (
-    "INSERT INTO jobs (key, url, host, meta, status, attempts, error, error_class, created_at,"
-    " finished_at) SELECT k, u, h, m, s, 0, e, c, :now, f FROM unnest(CAST(:key AS TEXT[]),"
-    " CAST(:url AS TEXT[]), CAST(:host AS TEXT[]), CAST(:meta AS TEXT[]),"
-    " CAST(:status AS TEXT[]), CAST(:error AS TEXT[]), CAST(:error_class AS TEXT[]),"
-    " CAST(:finished_at AS FLOAT8[])) AS t(k, u, h, m, s, e, c, f) ON CONFLICT (key) DO NOTHING"
-)
-_ARRAY_COLUMNS = ("key", "url", "host", "meta", "status", "error", "error_class", "finished_at")
-
-#: A host that needs no urlsplit: only ASCII letters, digits, dots and hyphens, right
-#: after the scheme and up to the path, query, fragment or end.  With no userinfo,
-#: port, brackets, whitespace or non-ASCII in it, `host_of` returns exactly it,
-#: lower-cased; anything else goes to `host_of` (tests/test_catalogue.py checks both
-#: agree).  urlsplit is about 3 us a URL, a fifth of a plain import's time.
-_SIMPLE_HOST = re.compile(r"https?://([A-Za-z0-9.-]+)(?=[/?#]|\Z)", re.IGNORECASE)
-
-
-def _host(url: str | None) -> str | None:
-    """The `host` column for `url`: what migration 0003 stores (NULL without a URL)."""
-    if url is None:
-        return None
-    simple = _SIMPLE_HOST.match(url)
-    return simple.group(1).lower() if simple else host_of(url)
-
-
-def _insert_new_records(conn: Connection, rows: list[dict[str, Any]]) -> None:
-    if conn.dialect.name != "postgresql":
-        _driver(conn, _INSERT, rows)
-        return
-    arrays: dict[str, Any] = {name: [row[name] for row in rows] for name in _ARRAY_COLUMNS}
-    _driver(conn, _INSERT_ARRAYS, {**arrays, "now": rows[0]["now"]})
-
-
-_encode_meta = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
-
-
-def _driver(conn: Connection, sql: str, params: Any) -> Any:
-    """Run SQL straight on the DB-API cursor: the import's hot path cannot afford
-    SQLAlchemy's per-row parameter processing (it doubled the import time)."""
-    if conn.dialect.paramstyle == "pyformat":
-        sql = re.sub(r"(?<!:):(\w+)", r"%(\1)s", sql)
-    return conn.exec_driver_sql(sql, params)
-
-
-def _existing(conn: Connection, keys: list[str]) -> dict[str, Any]:
-    dialect = conn.dialect.name
-    keys_param: Any = keys if dialect == "postgresql" else json.dumps(keys)
-    rows = _driver(conn, _EXISTING[dialect], {"keys": keys_param})
-    return {row[0]: row for row in rows}
-
-
-def upsert_records(conn: Connection, records: Sequence[Record], *, now: float) -> ImportCounts:
-    """Apply one batch of catalogue records; idempotent.
-
-    A new key is inserted (failed at once if its URL is unusable).  A known key
-    whose URL changed takes the new URL unless its job is done: a done job keeps
-    its vector, whatever the catalogue says now.  A failed job goes back to pending
-    with a fresh set of attempts.  So does a running one: it is fetching a URL the
-    catalogue no longer has, and dropping the change as 'unchanged' would leave the
-    job done with the old video.  Its worker loses it (worker, lease and start
-    cleared; `claims` kept, so the stale attempt cannot store its result) and it
-    counts as `updated`.  The statement itself applies these rules, so a job that
-    changed state since this batch read it is handled by its state at the write.
-    Every row written gets the URL's host too.
-    """
-    batch = {r.key: r for r in records}  # a key repeated in the file: the last wins
-    counts = ImportCounts(unchanged=len(records) - len(batch))
-    existing = _existing(conn, list(batch))
-    inserts: list[dict[str, Any]] = []
-    updates: list[dict[str, Any]] = []
-    for record in batch.values():
-        row = existing.get(record.key)
-        if row is not None and (row[2] not in _URL_REPLACEABLE or row[1] == record.url):
-            # A record with an unusable URL is reported as invalid on every import,
-            # whether or not it changed anything, so the user sees it each time.
-            if record.invalid:
-                counts.invalid += 1
-            else:
-                counts.unchanged += 1
-            continue
-        # only rows written pay for the host and the meta's JSON
-        (inserts if row is None else updates).append(
-            {
-                "key": record.key,
-                "url": record.url,
-                "host": _host(record.url),
-                "now": now,
-                "invalid": record.invalid,
-                "meta": _encode_meta(record.meta) if record.meta else None,
-                "status": Status.FAILED.value if record.invalid else Status.PENDING.value,
-                "error": record.invalid,
-                "error_class": "invalid" if record.invalid else None,
-                "finished_at": now if record.invalid else None,
-            }
-        )
-        if record.invalid:
-            counts.invalid += 1
-        elif row is None:
-            counts.inserted += 1
-        else:
-            counts.updated += 1
-    if inserts:
-        _insert_new_records(conn, inserts)
-    if updates:
-        _driver(conn, _UPDATE_URL[conn.dialect.name], updates)
-    return counts

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sqlalchemy import Engine, select, text
 
-from runner import catalogue
+from runner import catalogue, catalogue_write
 from runner.catalogue import CatalogueFormat, import_catalogue
 from runner.db import connect
 from runner.models import jobs
@@ -310,7 +310,7 @@ def test_the_statement_decides_by_the_row_at_the_write(
             {"s": now_status, "u": now_url},
         )
     stale = {"k": ("k", "http://old.test/k", "pending")}
-    monkeypatch.setattr(catalogue, "_existing", lambda conn, keys: stale)
+    monkeypatch.setattr(catalogue_write, "_existing", lambda conn, keys: stale)
     with any_engine.begin() as conn:
         catalogue.upsert_records(
             conn, [catalogue.Record(key="k", url="http://new.test/k", meta={})], now=2.0
@@ -349,7 +349,7 @@ def test_the_statement_decides_by_the_row_at_the_write(
 def test_host_fast_path_agrees_with_host_of(url: str) -> None:
     """The import skips urlsplit for plain hosts; it must store what `host_of` says
     (the downloader's HostGate uses `host_of`, and migration 0003 backfilled with it)."""
-    assert catalogue._host(url) == host_of(url)
+    assert catalogue_write.host_column(url) == host_of(url)
 
 
 @settings(max_examples=500, deadline=None)
@@ -358,4 +358,4 @@ def test_host_fast_path_agrees_with_host_of(url: str) -> None:
     rest=st.text(alphabet="aZ09.-_@:[]/?#% \t\nü", max_size=20),
 )
 def test_host_fast_path_agrees_with_host_of_on_anything(scheme: str, rest: str) -> None:
-    assert catalogue._host(scheme + rest) == host_of(scheme + rest)
+    assert catalogue_write.host_column(scheme + rest) == host_of(scheme + rest)
