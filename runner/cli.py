@@ -178,6 +178,21 @@ def _daemon_options(command: Callable[..., Any]) -> Callable[..., Any]:
             show_default=True,
             help="Longest silence while reading a response.",
         ),
+        click.option(
+            "--min-bytes-per-s",
+            type=Size(),
+            default="10KiB",
+            show_default=True,
+            help="A download slower than this over --stall-window-s is cut and retried "
+            "(0: no floor).",
+        ),
+        click.option(
+            "--stall-window-s",
+            type=click.FloatRange(0),
+            default=60.0,
+            show_default=True,
+            help="Window over which --min-bytes-per-s is measured.",
+        ),
     ]
     for option in reversed(options):
         command = option(command)
@@ -391,6 +406,8 @@ def _daemon_config(options: dict[str, Any]) -> DaemonConfig:
         max_bytes=options.pop("max_bytes"),
         connect_timeout_s=options.pop("connect_timeout_s"),
         read_timeout_s=options.pop("read_timeout_s"),
+        min_bytes_per_s=options.pop("min_bytes_per_s"),
+        stall_window_s=options.pop("stall_window_s"),
     )
     retry = RetryPolicy(
         max_attempts=options.pop("max_attempts"),

@@ -12,6 +12,7 @@ import asyncio
 import ipaddress
 import socket
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,13 @@ class DownloadLimits:
     connect_timeout_s: float = 30.0
     #: Longest silence between two reads of the body or headers.
     read_timeout_s: float = 60.0
+    #: Slowest average body rate tolerated over `stall_window_s` (0 disables the
+    #: floor): `read_timeout_s` alone never cuts a server that drips one byte just
+    #: inside it, and such a transfer would hold a download slot forever.
+    min_bytes_per_s: float = 10 * 1024
+    #: Window of the rate floor, measured from the start of the body; short bursts
+    #: of slowness inside it are forgiven.
+    stall_window_s: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -222,15 +230,114 @@ def _check_content_type(response: aiohttp.ClientResponse) -> None:
         )
 
 
-async def _stream_body(response: aiohttp.ClientResponse, dest: Path, max_bytes: int) -> int:
+class RateFloor:
+    """Cuts a body whose average rate over the last `window_s` seconds is under `min_bytes_per_s`.
+
+    Keeps (time, bytes received so far) samples at least window/16 apart, so memory
+    stays bounded however many chunks arrive; the last sample is always the newest
+    chunk.  The bytes in the window are counted from the newest sample at or before
+    the window's start: never fewer than really arrived, so a transfer that keeps
+    up with the floor is never cut, and a slow one is cut at most window/16 late.
+    """
+
+    def __init__(self, min_bytes_per_s: float, window_s: float, *, now: float) -> None:
+        self.min_bytes_per_s = min_bytes_per_s
+        self.window_s = window_s
+        self.started = now
+        self._spacing = window_s / 16
+        self._samples: deque[tuple[float, int]] = deque([(now, 0)])
+        self.total = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.min_bytes_per_s > 0 and self.window_s > 0
+
+    def add(self, now: float, n: int) -> None:
+        self.total += n
+        sample = (now, self.total)
+        if len(self._samples) >= 2 and now - self._samples[-2][0] < self._spacing:
+            self._samples[-1] = sample  # coalesce: the older point is within the spacing
+        else:
+            self._samples.append(sample)
+        self._prune(now)
+
+    def _prune(self, now: float) -> None:
+        """Drop samples the window has passed, keeping one at or before its start."""
+        start = now - self.window_s
+        while len(self._samples) >= 2 and self._samples[1][0] <= start:
+            self._samples.popleft()
+
+    def in_window(self, now: float) -> int | None:
+        """Bytes received in the window ending at `now`; None until a full window has passed."""
+        if now - self.started < self.window_s:
+            return None
+        self._prune(now)
+        return self.total - self._samples[0][1]
+
+    def too_slow(self, now: float) -> str | None:
+        """A message for the job record if the floor is broken at `now`, else None."""
+        if not self.enabled:
+            return None
+        got = self.in_window(now)
+        if got is None or got >= self.min_bytes_per_s * self.window_s:
+            return None
+        return (
+            f"too slow: {got / self.window_s:.0f} bytes/s averaged over the last "
+            f"{self.window_s:g} s, under the floor of {self.min_bytes_per_s:g} bytes/s "
+            "(see --min-bytes-per-s and --stall-window-s)"
+        )
+
+    def deadline(self) -> float | None:
+        """When the floor breaks if no more bytes come: the time to wake up and check,
+        since a server that sends nothing never wakes the reader itself."""
+        if not self.enabled:
+            return None
+        need = self.min_bytes_per_s * self.window_s
+        for at, received in self._samples:
+            if self.total - received < need:
+                return max(at, self.started) + self.window_s
+        return None  # unreachable: the newest sample leaves 0 bytes < need
+
+
+async def _read_chunk(response: aiohttp.ClientResponse, floor: RateFloor, now: float) -> bytes:
+    """The next chunk (b"" at the end); raises DownloadTimeoutError once the rate floor breaks.
+
+    The read is interrupted at the floor's deadline even while the server stays
+    silent.  Interrupting is safe: aiohttp's StreamReader only takes bytes from
+    its buffer after the wait, so none are lost, and its sock_read timer follows
+    the socket, not our reads, so it still bounds each silence as before.
+    """
+    loop = asyncio.get_running_loop()
+    while True:
+        message = floor.too_slow(now)
+        if message is not None:
+            raise DownloadTimeoutError(message, http_status=response.status)
+        deadline = floor.deadline()
+        if deadline is None:
+            return await response.content.read(CHUNK_BYTES)
+        timeout = asyncio.timeout_at(deadline)
+        try:
+            async with timeout:
+                return await response.content.read(CHUNK_BYTES)
+        except TimeoutError:
+            if not timeout.expired():
+                raise  # aiohttp's own sock_read timeout
+        now = loop.time()
+
+
+async def _stream_body(response: aiohttp.ClientResponse, dest: Path, limits: DownloadLimits) -> int:
+    max_bytes = limits.max_bytes
     declared = response.content_length
     if declared is not None and declared > max_bytes:
         raise DownloadError(
             f"file is {declared} bytes, over the {max_bytes}-byte cap", http_status=response.status
         )
+    loop = asyncio.get_running_loop()
+    floor = RateFloor(limits.min_bytes_per_s, limits.stall_window_s, now=loop.time())
     size = 0
     with dest.open("wb") as out:
-        async for chunk in response.content.iter_chunked(CHUNK_BYTES):
+        while chunk := await _read_chunk(response, floor, loop.time()):
+            floor.add(loop.time(), len(chunk))
             size += len(chunk)
             if size > max_bytes:
                 raise DownloadError(
@@ -261,7 +368,7 @@ async def download(
             if response.status != 200:
                 raise _status_error(response)
             _check_content_type(response)
-            size = await _stream_body(response, dest, limits.max_bytes)
+            size = await _stream_body(response, dest, limits)
     except TimeoutError:
         raise DownloadTimeoutError(
             f"timed out (connect {limits.connect_timeout_s:g} s, read {limits.read_timeout_s:g} s)",
