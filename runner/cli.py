@@ -179,6 +179,13 @@ def _daemon_options(command: Callable[..., Any]) -> Callable[..., Any]:
             help="Longest silence while reading a response.",
         ),
         click.option(
+            "--max-audio-s",
+            type=click.FloatRange(0),
+            default=21600.0,
+            show_default=True,
+            help="Sources with longer audio fail as too_long before any is embedded (0: no cap).",
+        ),
+        click.option(
             "--min-bytes-per-s",
             type=Size(),
             default="10KiB",
@@ -417,6 +424,7 @@ def _daemon_config(options: dict[str, Any]) -> DaemonConfig:
     if options.get("decoders") is None:
         options.pop("decoders", None)
     options["model_id"] = options["model_id"] or DEFAULT_MODEL_ID
+    options["max_audio_s"] = options["max_audio_s"] or None
     return DaemonConfig(limits=limits, retry=retry, **options)
 
 

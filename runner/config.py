@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from runner.decode import DEFAULT_MAX_AUDIO_S
 from runner.download import DownloadLimits
 from runner.retry import RetryPolicy
 
@@ -27,6 +28,8 @@ class DaemonConfig:
     decoders: int = field(default_factory=_default_decoders)
     #: audio-seconds per model batch; None: the device's default (see embed.py)
     batch_seconds: float | None = None
+    #: longer sources fail as too_long, before a window is embedded; None: no cap
+    max_audio_s: float | None = DEFAULT_MAX_AUDIO_S
     limits: DownloadLimits = field(default_factory=DownloadLimits)
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     #: downloaded-but-undecoded files waiting on disk: at most this many / bytes

@@ -161,6 +161,7 @@ class Daemon:
             workdir,
             self.metrics,
             min_window_samples=min_window_samples(embedder),
+            max_audio_s=cfg.max_audio_s,
         )
         batch_s = cfg.batch_seconds or default_batch_seconds(embedder.device)
         self.embed_loop = EmbedLoop(

@@ -6,7 +6,14 @@ a time.  Probing costs a process spawn, which is a large share of the work on sh
 clips, so there is no separate probe: the header ffmpeg prints while decoding is parsed
 once it exits (moviepy's parser for duration and audio presence, our own regex for the
 channel count, which moviepy does not report).  That is also why errors surface from
-iteration rather than from the constructor.
+iteration rather than from the constructor.  The one exception is the stated duration,
+read from the header as soon as the first window is in, so an over-long source fails
+before a single window reaches the model.
+
+ffmpeg is only allowed to open the local file (`-protocol_whitelist file`) with a
+demuxer for a real media container (`-format_whitelist`): a downloaded body may be a
+DASH manifest, HLS playlist or concat list, whose demuxers would go on to read other
+files or URLs named inside it.
 """
 
 from __future__ import annotations
@@ -26,11 +33,19 @@ import numpy as np
 from moviepy.config import FFMPEG_BINARY
 from moviepy.video.io.ffmpeg_reader import FFmpegInfosParser
 
-from runner.errors import DecodeError
+from runner.errors import DecodeError, TooLongError, TruncatedError
 
 SAMPLE_RATE_HZ = 16_000
 SAMPLE_BYTES = 4  # float32
 DEFAULT_WINDOW_SAMPLES = 30 * SAMPLE_RATE_HZ
+#: Longer audio fails as `too_long`: 6 hours is past any real catalogue video, and a
+#: few hundred kB can claim days of samples (a 1 Hz WAV), each costing model time.
+DEFAULT_MAX_AUDIO_S = 6 * 3600.0
+#: A decode is `truncated` when it yields less than this share of the stated duration
+#: and is also this many seconds short: the margin absorbs encoder priming, Opus preroll
+#: and start offsets, which make healthy files a few tens of milliseconds short.
+TRUNCATED_RATIO = 0.9
+TRUNCATED_MIN_SHORT_S = 2.0
 
 #: A bigger pipe means fewer context switches between ffmpeg and us per window.
 _PIPE_BYTES = 1 << 20
@@ -58,6 +73,34 @@ _AMBISONIC_RE = re.compile(r"^ambisonic (\d+)")
 _LOG_PREFIX_RE = re.compile(r"^(?:\[[^\]]*\]\s*)?(?:Error opening input files?: )?")
 _STREAM_TYPE_RE = re.compile(r"^(\s*Stream #\S+: )(\w+):", re.MULTILINE)
 _NO_AUDIO_MARKERS = ("matches no streams", "does not contain any stream")
+_DURATION_RE = re.compile(r"^\s*Duration: (\d+):(\d\d):(\d\d(?:\.\d+)?)", re.MULTILINE)
+_NOT_WHITELISTED_MARKER = "not on whitelist"
+
+#: Demuxers for the containers we accept, by ffmpeg's demuxer names (a demuxer matches
+#: when any of its comma-separated names is listed).  Left out on purpose: anything that
+#: opens other inputs (dash, hls, concat, image2 and other sequence readers, sdp, rtsp),
+#: and raw formats that would accept arbitrary bytes.
+ACCEPTED_FORMATS = (
+    "mov,mp4,m4a,3gp,3g2,mj2",
+    "matroska,webm",
+    "mp3",
+    "ogg",
+    "wav",
+    "w64",
+    "flac",
+    "aac",
+    "ac3",
+    "eac3",
+    "aiff",
+    "caf",
+    "wv",
+    "amr",
+    "avi",
+    "flv",
+    "asf",
+    "mpegts",
+    "mpeg",
+)
 
 
 @dataclass(frozen=True)
@@ -70,9 +113,20 @@ class MediaInfo:
     channels_count: int
 
 
-#: Before `-i`: `-threads 1` keeps each decode on one core, so several run side by side
-#: and per-core throughput is honest.
-_INPUT_ARGS = ("-hide_banner", "-nostdin", "-nostats", "-threads", "1")
+#: Before `-i`, because ffmpeg applies options to the next input or output named:
+#: `-threads 1` keeps each decode on one core, so several run side by side and per-core
+#: throughput is honest; the whitelists keep ffmpeg to the one downloaded file.
+_INPUT_ARGS = (
+    "-hide_banner",
+    "-nostdin",
+    "-nostats",
+    "-threads",
+    "1",
+    "-protocol_whitelist",
+    "file",
+    "-format_whitelist",
+    ",".join(ACCEPTED_FORMATS),
+)
 #: `-map 0:a:0` means video is never decoded; `-flush_packets 0` lets ffmpeg write 32 KB
 #: blocks instead of one ~1.5 KB write per audio frame, which cut our CPU time fivefold.
 _OUTPUT_ARGS = tuple(
@@ -162,11 +216,21 @@ class AudioStream:
     ffmpeg, so an abandoned decode never leaves a zombie or a temp file.
     """
 
-    def __init__(self, path: str | os.PathLike[str], window_samples: int) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        window_samples: int,
+        *,
+        max_audio_s: float | None = DEFAULT_MAX_AUDIO_S,
+    ) -> None:
+        """`max_audio_s`: longer audio fails as TooLongError; None means no cap."""
         if window_samples <= 0:
             raise ValueError(f"window_samples must be positive, got {window_samples}")
+        if max_audio_s is not None and not max_audio_s > 0:
+            raise ValueError(f"max_audio_s must be positive or None, got {max_audio_s}")
         self.path = path
         self.window_samples = window_samples
+        self.max_audio_s = max_audio_s
         self.samples_total = 0
         self._info: MediaInfo | None = None
         self._proc: subprocess.Popen[bytes] | None = None
@@ -224,16 +288,55 @@ class AudioStream:
 
     def _windows(self) -> Iterator[np.ndarray]:
         stdout = cast(io.RawIOBase, self._spawn().stdout)
+        first = True
         while True:
             window = np.empty(self.window_samples, dtype="<f4")
             filled_samples = _fill(stdout, window.data.cast("B")) // SAMPLE_BYTES
+            if first:
+                # Output has begun (or ended), so ffmpeg has logged the input header.
+                first = False
+                self._check_stated_duration()
+            self._check_samples(window[:filled_samples])
             self.samples_total += filled_samples
+            self._check_decoded_length()
             if filled_samples < self.window_samples:
                 break
             yield window
         self._finish()
         if filled_samples:
             yield window[:filled_samples].copy()  # copy: do not pin a full window's memory
+
+    def _check_stated_duration(self) -> None:
+        """Fails before the first window when the container states too long a duration.
+
+        Reads with pread: the log file shares its offset with ffmpeg's stderr, so a seek
+        here would move where ffmpeg writes."""
+        if self.max_audio_s is None:
+            return
+        assert self._log is not None
+        head = os.pread(self._log.fileno(), _LOG_HEAD_BYTES, 0).decode("utf-8", "replace")
+        stated_s = stated_duration_s(input_header(head))
+        if stated_s is not None and stated_s > self.max_audio_s:
+            raise TooLongError(
+                f"audio is {stated_s:.0f} s long per its container, over the limit of "
+                f"{self.max_audio_s:g} s (--max-audio-s)"
+            )
+
+    def _check_decoded_length(self) -> None:
+        """The cap on decoded samples, for containers that state no duration or lie."""
+        if self.max_audio_s is not None and self.samples_total > self.max_audio_s * SAMPLE_RATE_HZ:
+            raise TooLongError(
+                f"decoded more than {self.max_audio_s:g} s of audio, the limit "
+                "(--max-audio-s); stopped there"
+            )
+
+    def _check_samples(self, samples: np.ndarray) -> None:
+        """NaN or Inf (float sources carry them through ffmpeg untouched) would turn the
+        whole mean-pooled vector into NaN, so such a source never reaches the model."""
+        finite = np.isfinite(samples)
+        if not finite.all():
+            at_s = (self.samples_total + int(np.argmin(finite))) / SAMPLE_RATE_HZ
+            raise DecodeError(f"non-finite samples (NaN or Inf) in the audio at {at_s:.1f} s")
 
     def _finish(self) -> None:
         """Runs once stdout hit EOF: now the log is complete and can say what happened."""
@@ -242,6 +345,15 @@ class AudioStream:
         head, tail = _read_log(self._log)
         header = input_header(head)
         self._info = _media_info(header, head + tail, self.path, returncode, self.samples_total)
+
+
+def stated_duration_s(header: str) -> float | None:
+    """The container's `Duration:` in seconds; None for `N/A` or no header."""
+    match = _DURATION_RE.search(header)
+    if match is None:
+        return None
+    hours, minutes, seconds = match.groups()
+    return int(hours) * 3600 + int(minutes) * 60 + float(seconds)
 
 
 def _reap(proc: subprocess.Popen[bytes]) -> None:
@@ -282,6 +394,8 @@ def _media_info(
 ) -> MediaInfo:
     """Turns the exit status and log into MediaInfo or the most useful DecodeError."""
     if not header:
+        if _NOT_WHITELISTED_MARKER in log:
+            raise DecodeError("not a media file (a playlist, manifest or unaccepted container)")
         raise DecodeError(f"not a media file ({_last_log_line(log)})")
     parsed = _parse_or_empty(header, os.fspath(path))
     if not parsed.get("audio_found", False) or any(m in log for m in _NO_AUDIO_MARKERS):
@@ -290,7 +404,18 @@ def _media_info(
         raise DecodeError(f"audio stream could not be decoded: {_last_log_line(log)}")
     if samples_total == 0:
         raise DecodeError("no audio samples decoded")
-    duration_s = parsed.get("duration") or samples_total / SAMPLE_RATE_HZ
+    decoded_s = samples_total / SAMPLE_RATE_HZ
+    stated_s = stated_duration_s(header)
+    if (
+        stated_s is not None
+        and decoded_s < TRUNCATED_RATIO * stated_s
+        and stated_s - decoded_s > TRUNCATED_MIN_SHORT_S
+    ):
+        raise TruncatedError(
+            f"truncated: the container states {stated_s:.1f} s but only {decoded_s:.1f} s "
+            "of audio could be decoded"
+        )
+    duration_s = parsed.get("duration") or decoded_s
     layout = _AUDIO_LINE_RE.search(header)
     channels_count = layout_channels_count(layout.group(1)) if layout else 0
     return MediaInfo(duration_s=float(duration_s), channels_count=channels_count)
@@ -307,8 +432,10 @@ def _parse_or_empty(header: str, filename: str) -> dict[str, Any]:
 def decode_all(
     path: str | os.PathLike[str],
     window_samples: int = DEFAULT_WINDOW_SAMPLES,
+    *,
+    max_audio_s: float | None = DEFAULT_MAX_AUDIO_S,
 ) -> tuple[list[np.ndarray], MediaInfo]:
     """Whole-file convenience for tests and benchmarks; the pipeline streams instead."""
-    with AudioStream(path, window_samples) as stream:
+    with AudioStream(path, window_samples, max_audio_s=max_audio_s) as stream:
         windows = list(stream)
         return windows, stream.info

@@ -82,3 +82,19 @@ class EmbedOutOfMemoryError(EmbedError):
     """The device ran out of memory on a batch: not the video's fault, worth a retry."""
 
     transient = True
+
+
+class TooLongError(DecodeError):
+    """The audio runs past the configured cap: a tiny file can expand to days of
+    samples (1 Hz WAV, lying headers), which would tie a decoder and the model up for
+    hours.  Permanent: the same file will be just as long next time."""
+
+    error_class = "too_long"
+
+
+class TruncatedError(DecodeError):
+    """The container promises much more audio than the file holds (a cut download, a
+    partial upload): a vector of the first part would pass as the whole video.
+    Permanent: retrying reads the same bytes."""
+
+    error_class = "truncated"

@@ -10,10 +10,12 @@ second spent encoding.
 from __future__ import annotations
 
 import random
+import struct
 import subprocess
 from pathlib import Path
 
 import imageio_ffmpeg
+import numpy as np
 
 FFMPEG_EXE = imageio_ffmpeg.get_ffmpeg_exe()
 
@@ -227,5 +229,99 @@ def make_long_sine(
         "1",
         *codec_args[codec],
         str(path),
+    )
+    return Path(path)
+
+
+def _wav_bytes(sample_rate_hz: int, data: bytes, format_tag: int, bits: int) -> bytes:
+    """A mono RIFF/WAVE header written by hand, so rates and contents ffmpeg's encoders
+    refuse (1 Hz, NaN floats) can still be made."""
+    block_align = bits // 8
+    fmt = struct.pack(
+        "<IHHIIHH",
+        16,
+        format_tag,
+        1,
+        sample_rate_hz,
+        sample_rate_hz * block_align,
+        block_align,
+        bits,
+    )
+    body = b"WAVE" + b"fmt " + fmt + b"data" + struct.pack("<I", len(data)) + data
+    return b"RIFF" + struct.pack("<I", len(body)) + body
+
+
+def make_slow_wav(path: Path, n_bytes: int = 200_000, sample_rate_hz: int = 1) -> Path:
+    """8-bit silence at 1 Hz: 200 kB that claims 55 hours, i.e. 3.2 billion samples at 16 kHz."""
+    Path(path).write_bytes(_wav_bytes(sample_rate_hz, bytes([128]) * n_bytes, 1, 8))
+    return Path(path)
+
+
+def make_float_wav_with_nan(path: Path, duration_s: float = 2.0, nan_at_s: float = 0.5) -> Path:
+    """16 kHz float32 sine with a run of NaN: ffmpeg passes such samples through untouched."""
+    n_samples = int(duration_s * 16000)
+    samples = (0.3 * np.sin(2 * np.pi * 440 * np.arange(n_samples) / 16000)).astype("<f4")
+    start = int(nan_at_s * 16000)
+    samples[start : start + 100] = np.nan
+    Path(path).write_bytes(_wav_bytes(16000, samples.tobytes(), 3, 32))
+    return Path(path)
+
+
+def make_truncated(path: Path, source: Path, keep_fraction: float = 1 / 3) -> Path:
+    """The first part of `source`'s bytes: a download cut short whose header still
+    states the full duration."""
+    data = Path(source).read_bytes()
+    Path(path).write_bytes(data[: int(len(data) * keep_fraction)])
+    return Path(path)
+
+
+def make_mka_without_duration(path: Path, duration_s: float = 3.0) -> Path:
+    """Opus in Matroska written to a pipe, so the muxer cannot seek back to write the
+    duration: ffmpeg reports `Duration: N/A`, as for a live recording."""
+    cmd = [
+        FFMPEG_EXE,
+        "-hide_banner",
+        "-nostdin",
+        "-loglevel",
+        "error",
+        *_audio_input(duration_s, 440, 48000, None),
+        "-c:a",
+        "libopus",
+        "-f",
+        "matroska",
+        "pipe:1",
+    ]
+    with open(path, "wb") as out:
+        done = subprocess.run(cmd, stdout=out, stderr=subprocess.PIPE, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"ffmpeg failed ({done.returncode}): {done.stderr.strip()}")
+    return Path(path)
+
+
+def make_ffconcat(path: Path, target: Path) -> Path:
+    """A concat list naming a real local file: ffmpeg's concat demuxer would read it."""
+    Path(path).write_text(f"ffconcat version 1.0\nfile '{Path(target).resolve()}'\n")
+    return Path(path)
+
+
+def make_hls_playlist(path: Path, target: Path) -> Path:
+    """An HLS media playlist whose one segment is a real local file."""
+    Path(path).write_text(
+        "#EXTM3U\n#EXT-X-VERSION:3\n#EXT-X-TARGETDURATION:10\n"
+        f"#EXTINF:3.0,\n{Path(target).resolve()}\n#EXT-X-ENDLIST\n"
+    )
+    return Path(path)
+
+
+def make_dash_manifest(path: Path, target: Path) -> Path:
+    """A static DASH MPD whose one representation is a real local file."""
+    Path(path).write_text(
+        '<?xml version="1.0" encoding="UTF-8"?>\n'
+        '<MPD xmlns="urn:mpeg:dash:schema:mpd:2011" type="static" '
+        'mediaPresentationDuration="PT3S" minBufferTime="PT1S" '
+        'profiles="urn:mpeg:dash:profile:isoff-on-demand:2011">\n'
+        ' <Period><AdaptationSet mimeType="audio/mp4"><Representation id="a" '
+        f'bandwidth="64000"><BaseURL>file:{Path(target).resolve()}</BaseURL>'
+        "</Representation></AdaptationSet></Period>\n</MPD>\n"
     )
     return Path(path)

@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass
 
 from runner.attempt import Attempt
-from runner.decode import AudioStream, MediaInfo
+from runner.decode import DEFAULT_MAX_AUDIO_S, AudioStream, MediaInfo
 from runner.embed import WINDOW_SAMPLES, WindowItem
 from runner.errors import DecodeError, JobError, LocalError
 from runner.metrics import Metrics
@@ -32,7 +32,9 @@ class DecoderPool:
 
     Decoding streams fixed windows, so a 2-hour video never sits in memory whole,
     and blocks on the bounded window queue, so a slow model holds the decoders back
-    instead of filling memory.
+    instead of filling memory.  `max_audio_s` caps the audio a source may have
+    (None: no cap), so a small file claiming days of audio cannot hold a decoder and
+    the model for hours; such a source fails as `too_long` before its first window.
     """
 
     def __init__(
@@ -45,9 +47,11 @@ class DecoderPool:
         metrics: Metrics,
         *,
         min_window_samples: int,
+        max_audio_s: float | None = DEFAULT_MAX_AUDIO_S,
     ) -> None:
         self.queue_in, self.out, self.prefetch = queue_in, out, prefetch
         self.workdir, self.metrics, self.min_window_samples = workdir, metrics, min_window_samples
+        self.max_audio_s = max_audio_s
         self.halt = threading.Event()  # tells decode threads to give up
         self._threads = concurrent.futures.ThreadPoolExecutor(
             decoders, thread_name_prefix="runner-decode"
@@ -72,7 +76,7 @@ class DecoderPool:
         if not attempt.live:
             return Decoded(attempt, 0)
         try:
-            with AudioStream(item.path, WINDOW_SAMPLES) as stream:
+            with AudioStream(item.path, WINDOW_SAMPLES, max_audio_s=self.max_audio_s) as stream:
                 for window in stream:
                     if not attempt.live:
                         return Decoded(attempt, sent)
