@@ -9,12 +9,25 @@ Security, because the API fetches URLs it is given: it listens on 127.0.0.1 unle
 told otherwise, any other address needs a bearer token (checked on every route but
 /healthz), and URLs are http/https only and, unless allowed, never reach loopback,
 private or link-local addresses, on any hop of a redirect chain (runner/download.py).
+
+A web page can reach a loopback API too (the browser sends the request, with the
+user's network position): POST routes take only `Content-Type: application/json`
+(a page cannot send that cross-origin without a CORS preflight we never answer),
+and on loopback the `Host` header must name this machine, which refuses DNS
+rebinding (a page's own hostname pointed at 127.0.0.1).
+
+Load: /encode_audio runs at most `max_encode_requests` at once, further ones get a
+429 at once (never queued), so ad-hoc requests cannot crowd the queued catalogue
+work out of the stages; its body limit is small.  POST /jobs parses off the loop.
+
+Every JSON answer is strict JSON (no NaN or Infinity, which most parsers refuse).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
 import io
 import ipaddress
@@ -72,6 +85,11 @@ class ApiConfig:
     token: str | None = None
     allow_private_urls: bool = False
     max_body_bytes: int = 8 << 20
+    #: /encode_audio requests served at once; more get 429 (ad-hoc work must not
+    #: starve the catalogue's jobs of the stages they share)
+    max_encode_requests: int = 4
+    #: /encode_audio's body limit: it only ever carries a URL and a timeout
+    encode_max_body_bytes: int = 64 * 1024
     #: longest /encode_audio request; a request may ask for less with "timeout_s"
     encode_timeout_s: float = 600.0
     #: networks let through despite the private-address refusal (tests use 127.0.0.1)
@@ -118,6 +136,17 @@ CONFIG = web.AppKey("config", ApiConfig)
 ADHOC_SESSION = web.AppKey("adhoc_session", aiohttp.ClientSession)
 
 
+@dataclass
+class _Slots:
+    """/encode_audio requests in progress: a counter, not a semaphore, because a
+    request beyond the limit is refused rather than left waiting."""
+
+    active: int = 0
+
+
+ENCODE_SLOTS = web.AppKey("encode_slots", _Slots)
+
+
 def _daemon(request: web.Request) -> DaemonHandle:
     return request.app[DAEMON]  # type: ignore[return-value]
 
@@ -131,8 +160,29 @@ class ApiError(Exception):
         self.status, self.message, self.headers = status, message, headers or {}
 
 
+#: strict JSON: json.dumps would write NaN and Infinity, which are not JSON and which
+#: most clients refuse; a non-finite number now raises ValueError where it is made
+_dumps = functools.partial(json.dumps, allow_nan=False)
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.json_response(data, status=status, dumps=_dumps)
+
+
 def _error(status: int, message: str, **extra: Any) -> web.Response:
-    return web.json_response({"error": message, **extra}, status=status)
+    return _json({"error": message, **extra}, status=status)
+
+
+def _finite_or_none(value: Any) -> Any:
+    """`value` with every non-finite float replaced by None (unknown), for reports
+    such as /status whose rates and ETA are estimates, not data."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite_or_none(v) for v in value]
+    return value
 
 
 async def _in_thread(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -140,9 +190,23 @@ async def _in_thread(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     return await loop.run_in_executor(None, lambda: fn(*args, **kwargs))
 
 
-async def _json_body(request: web.Request) -> Any:
+async def _read_body(request: web.Request, limit: int | None = None) -> bytes:
+    """The body, or 413 beyond `limit` (tighter than the app's client_max_size, which
+    turns any body over `max_body_bytes` into a 413 by itself)."""
+    if limit is not None and (request.content_length or 0) > limit:
+        raise ApiError(413, f"request body over the {limit}-byte limit")
+    body = await request.read()
+    if limit is not None and len(body) > limit:  # chunked: no Content-Length to check
+        raise ApiError(413, f"request body over the {limit}-byte limit")
+    return body
+
+
+async def _json_body(request: web.Request, limit: int | None = None) -> Any:
     """The body as JSON, or a 4xx that says what is wrong with it."""
-    body = await request.read()  # client_max_size turns an oversized body into 413
+    return _loads(await _read_body(request, limit))
+
+
+def _loads(body: bytes) -> Any:
     if not body.strip():
         raise ApiError(400, "empty body: expected JSON")
     try:
@@ -191,6 +255,54 @@ async def _errors(
     return response
 
 
+def _host_allowed(host_header: str, config: ApiConfig, port: int | None) -> bool:
+    """Whether `Host` names this server: the bound host or a loopback name, with no
+    port or the one the connection came in on.  Anything else, on loopback, is a
+    page's own hostname resolved to 127.0.0.1 (DNS rebinding)."""
+    text = host_header.strip().lower()
+    if text.startswith("["):
+        name, bracket, rest = text[1:].partition("]")
+        if not bracket:
+            return False
+    else:
+        name, colon, port_text = text.partition(":")
+        rest = colon + port_text
+    if rest and (rest[:1] != ":" or not rest[1:].isdigit() or int(rest[1:]) != port):
+        return False
+    return name in {config.host.lower(), "localhost", "127.0.0.1", "::1"}
+
+
+@web.middleware
+async def _host(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Refuse a `Host` that is not this server's while bound to loopback; bound
+    elsewhere, a token is required (check_bind) and it is what protects the API."""
+    config = request.app[CONFIG]
+    host_header = request.headers.get("Host")
+    if host_header is not None and is_loopback(config.host):
+        sockname = request.transport.get_extra_info("sockname") if request.transport else None
+        port = sockname[1] if isinstance(sockname, tuple) and len(sockname) > 1 else None
+        if not _host_allowed(host_header, config, port):
+            raise ApiError(421, "Host header does not name this server (loopback only)")
+    return await handler(request)
+
+
+@web.middleware
+async def _content_type(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """POST routes take application/json only: a web page can POST text/plain or a
+    form to 127.0.0.1 without a CORS preflight, but not application/json."""
+    if (
+        request.method == "POST"
+        and request.match_info.http_exception is None
+        and request.content_type != "application/json"
+    ):
+        raise ApiError(415, "expected Content-Type: application/json")
+    return await handler(request)
+
+
 @web.middleware
 async def _auth(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -214,9 +326,7 @@ routes = web.RouteTableDef()
 @routes.get("/healthz")
 async def healthz(request: web.Request) -> web.Response:
     daemon = _daemon(request)
-    return web.json_response(
-        {"ok": True, "stopping": daemon.stopping},
-    )
+    return _json({"ok": True, "stopping": daemon.stopping})
 
 
 @routes.get("/status")
@@ -226,7 +336,7 @@ async def status(request: web.Request) -> web.Response:
         raise ApiError(400, "top: expected an integer from 0 to 1000")
     engine = _daemon(request).engine
     report = await _in_thread(read_status, engine, now=time.time(), top=int(top_text))
-    return web.json_response(report)
+    return _json(_finite_or_none(report))
 
 
 @routes.get("/metrics")
@@ -238,17 +348,27 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=text.encode(), headers={"Content-Type": METRICS_CONTENT_TYPE})
 
 
+def _finite(*values: float | None) -> bool:
+    return all(value is None or math.isfinite(value) for value in values)
+
+
 def _job_view(row: Any) -> dict[str, Any]:
-    result = None
+    """The job as JSON.  A done job whose stored vector (or duration) is NaN or
+    infinite has `result: null` and `result_error` says why: the job itself is
+    readable, and strict JSON cannot carry the numbers."""
+    result, result_error = None, None
     if row.status == jobs.Status.DONE.value and row.vector is not None:
         vector = np.frombuffer(row.vector, dtype="<f4", count=row.vector_dim)
-        result = {
-            "vector": [float(x) for x in vector],
-            "video_duration": row.video_duration_s,
-            "channels_count": row.channels_count,
-            "processing_audio_time": row.processing_audio_time_s,
-            "model_id": row.model_id,
-        }
+        if np.isfinite(vector).all() and _finite(row.video_duration_s, row.processing_audio_time_s):
+            result = {
+                "vector": [float(x) for x in vector],
+                "video_duration": row.video_duration_s,
+                "channels_count": row.channels_count,
+                "processing_audio_time": row.processing_audio_time_s,
+                "model_id": row.model_id,
+            }
+        else:
+            result_error = "the stored result is not finite (NaN or Infinity)"
     return {
         "key": row.key,
         "url": row.url,
@@ -257,8 +377,9 @@ def _job_view(row: Any) -> dict[str, Any]:
         "error": row.error,
         "error_class": row.error_class,
         "http_status": row.http_status,
-        "finished_at": row.finished_at,
+        "finished_at": row.finished_at if _finite(row.finished_at) else None,
         "result": result,
+        "result_error": result_error,
     }
 
 
@@ -276,11 +397,17 @@ async def get_job(request: web.Request) -> web.Response:
     view = await _in_thread(read_job, _daemon(request).engine, key)
     if view is None:
         return _error(404, f"no job with key {key!r}")
-    return web.json_response(view)
+    return _json(view)
 
 
-def _parse_records(body: bytes, shape: Any) -> tuple[list[catalogue.Record], Rejected]:
-    """The same parser and checks as `runner import`; one record object is a list of one."""
+def _parse_records(body: bytes) -> tuple[list[catalogue.Record], Rejected]:
+    """The same parser and checks as `runner import`; one record object is a list of one.
+
+    CPU work on a body of up to `max_body_bytes`: run in a thread, off the loop.
+    Records holding text no database can store (NUL, lone surrogates) refuse the
+    whole request with a 400, as a refused URL does, rather than half of it.
+    """
+    shape = _loads(body)
     if isinstance(shape, dict) and "key" in shape:
         body = b"[" + body + b"]"
     elif not isinstance(shape, dict | list):
@@ -292,13 +419,15 @@ def _parse_records(body: bytes, shape: Any) -> tuple[list[catalogue.Record], Rej
         records = list(iter_records(io.BytesIO(body), Path("body"), JOBS_FORMAT, rejected))
     except (ijson.JSONError, RunnerError, ValueError) as exc:  # ValueError: urlsplit
         raise ApiError(400, f"cannot read records: {exc}") from None
+    if rejected.unstorable:
+        raise ApiError(400, f"cannot store records: {rejected.unstorable}")
+    for record in records:
+        if record.invalid is not None and record.invalid.startswith(catalogue.UNSTORABLE):
+            raise ApiError(400, f"job {record.key!r}: {record.invalid}")
     return records, rejected
 
 
-async def _refuse_private(records: list[catalogue.Record], guard: UrlGuard | None) -> None:
-    """Queued URLs are checked now, by address, like /encode_audio's (one look-up a host)."""
-    if guard is None:
-        return
+def _first_by_host(records: list[catalogue.Record]) -> dict[str, catalogue.Record]:
     first_by_host: dict[str, catalogue.Record] = {}
     for record in records:
         if record.url is not None and not record.invalid:
@@ -307,6 +436,15 @@ async def _refuse_private(records: list[catalogue.Record], guard: UrlGuard | Non
             except ValueError:
                 host = record.url
             first_by_host.setdefault(host, record)
+    return first_by_host
+
+
+async def _refuse_private(records: list[catalogue.Record], guard: UrlGuard | None) -> None:
+    """Queued URLs are checked now, by address, like /encode_audio's (one look-up a host;
+    the look-ups are the resolver's, off the loop; the hosts are gathered in a thread)."""
+    if guard is None:
+        return
+    first_by_host = await _in_thread(_first_by_host, records)
     for record in first_by_host.values():
         assert record.url is not None
         try:
@@ -328,12 +466,11 @@ def store_records(engine: Engine, records: list[catalogue.Record]) -> catalogue.
 
 @routes.post("/jobs")
 async def post_jobs(request: web.Request) -> web.Response:
-    shape = await _json_body(request)
-    body = await request.read()
-    records, rejected = _parse_records(body, shape)
+    body = await _read_body(request)
+    records, rejected = await _in_thread(_parse_records, body)
     await _refuse_private(records, request.app[CONFIG].url_guard())
     counts = await _in_thread(store_records, _daemon(request).engine, records)
-    return web.json_response(
+    return _json(
         {
             "inserted": counts.inserted,
             "updated": counts.updated,
@@ -375,10 +512,42 @@ ERROR_STATUSES: tuple[tuple[type[JobError], int], ...] = (
 )
 
 
+def _encode_view(result: jobs.Result) -> dict[str, Any]:
+    """/encode_audio's answer; 422 if the model gave NaN or Infinity, which strict
+    JSON cannot carry and which is no usable embedding anyway."""
+    if not np.isfinite(result.vector).all() or not _finite(
+        result.video_duration_s, result.processing_audio_time_s
+    ):
+        raise ApiError(422, "the embedding is not finite (NaN or Infinity)")
+    return {
+        "features": [[float(x) for x in result.vector]],
+        "processing_audio_time": result.processing_audio_time_s,
+        "video_duration": result.video_duration_s,
+        "channels_count": result.channels_count,
+    }
+
+
 @routes.post("/encode_audio")
 async def encode_audio(request: web.Request) -> web.Response:
-    config = request.app[CONFIG]
-    url, timeout_s = _encode_request(await _json_body(request), config)
+    """At most `max_encode_requests` at once; the next one gets a 429 before its body
+    is even read, so a burst of them can neither queue up nor hold the stages."""
+    config, slots = request.app[CONFIG], request.app[ENCODE_SLOTS]
+    if slots.active >= config.max_encode_requests:
+        raise ApiError(
+            429,
+            f"{config.max_encode_requests} /encode_audio requests already in progress: retry later",
+            {"Retry-After": "1"},
+        )
+    slots.active += 1
+    try:
+        return await _encode_audio(request, config)
+    finally:
+        slots.active -= 1
+
+
+async def _encode_audio(request: web.Request, config: ApiConfig) -> web.Response:
+    payload = await _json_body(request, config.encode_max_body_bytes)
+    url, timeout_s = _encode_request(payload, config)
     guard = config.url_guard()
     if guard is not None:
         try:
@@ -401,19 +570,12 @@ async def encode_audio(request: web.Request) -> web.Response:
         return _error(
             status_code, str(exc), error_class=exc.error_class, http_status=exc.http_status
         )
-    return web.json_response(
-        {
-            "features": [[float(x) for x in result.vector]],
-            "processing_audio_time": result.processing_audio_time_s,
-            "video_duration": result.video_duration_s,
-            "channels_count": result.channels_count,
-        }
-    )
+    return _json(_encode_view(result))
 
 
 @routes.get("/openapi.json")
 async def openapi(request: web.Request) -> web.Response:
-    return web.json_response(document(secured=bool(request.app[CONFIG].token)))
+    return _json(document(secured=bool(request.app[CONFIG].token)))
 
 
 # --- app and server ----------------------------------------------------------------
@@ -422,9 +584,12 @@ async def openapi(request: web.Request) -> web.Response:
 def make_app(
     daemon: DaemonHandle, config: ApiConfig, adhoc_session: aiohttp.ClientSession | None = None
 ) -> web.Application:
-    app = web.Application(middlewares=[_errors, _auth], client_max_size=config.max_body_bytes)
+    app = web.Application(
+        middlewares=[_errors, _host, _auth, _content_type], client_max_size=config.max_body_bytes
+    )
     app[DAEMON] = daemon
     app[CONFIG] = config
+    app[ENCODE_SLOTS] = _Slots()
     if adhoc_session is not None:
         app[ADHOC_SESSION] = adhoc_session
     app.add_routes(routes)

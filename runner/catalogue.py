@@ -42,6 +42,7 @@ from runner.catalogue_write import (
 from runner.errors import RunnerError
 
 __all__ = [  # the writes live in runner.catalogue_write; callers import them from here
+    "UNSTORABLE",
     "CatalogueFormat",
     "ImportCounts",
     "Record",
@@ -54,6 +55,9 @@ __all__ = [  # the writes live in runner.catalogue_write; callers import them fr
 
 BATCH_RECORDS = 5_000
 MAX_KEY_CHARS = 4_096
+#: how every "text no database can store" reason starts (POST /jobs refuses them with
+#: a 400 rather than storing the rest; `runner import` counts them and goes on)
+UNSTORABLE = "unstorable text: "
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +97,40 @@ def url_problem(url: object) -> str | None:
     return None
 
 
+def _unstorable(text: str) -> bool:
+    """Whether `text` holds what PostgreSQL refuses in text: NUL, which it cannot store
+    at all, or a lone surrogate, which is not UTF-8.  (SQLite would take both, so the
+    import and the API would differ by database.)  Cheap in the common case: the NUL
+    search is a memchr, and `isascii` reads a flag, so only non-ASCII text is encoded.
+    """
+    if "\x00" in text:
+        return True
+    if text.isascii():
+        return False
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _meta_unstorable(value: Any) -> bool:
+    """Whether the metadata holds a lone surrogate, in a key or a value at any depth.
+
+    NUL is fine there: the meta column holds JSON text, where it is the escape
+    \\u0000.  Only the pure-Python parser (the fallback for integers beyond 64 bits)
+    yields lone surrogates; the C parser turns them into "?" (tests/test_catalogue.py
+    checks both), so the fast path never walks the metadata.
+    """
+    if isinstance(value, str):
+        return not value.isascii() and _unstorable(value.replace("\x00", ""))
+    if isinstance(value, dict):
+        return any(_meta_unstorable(k) or _meta_unstorable(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_meta_unstorable(v) for v in value)
+    return False
+
+
 def _row(key: str, value: Any, url_field: str) -> Row:
     """The record `value` (what the parser made, ours to change) as a row.
 
@@ -105,6 +143,8 @@ def _row(key: str, value: Any, url_field: str) -> Row:
         return (key, None, {}, f"record is not an object ({type(value).__name__})", None)
     url = value.pop(url_field, None)
     if isinstance(url, str):
+        if "\x00" in url or (not url.isascii() and _unstorable(url)):
+            return (key, None, {}, f"{UNSTORABLE}{url_field!r} holds NUL or a lone surrogate", None)
         simple = SIMPLE_HOST.match(url)
         if simple:  # no leading blank, and a host ending where the URL does, or at / ? #
             return (key, url.strip(), value, None, simple.group(1).lower())
@@ -141,7 +181,16 @@ def _key_problem(key: object) -> str | None:
         return "key is empty"
     if len(str(key)) > MAX_KEY_CHARS:
         return f"key is longer than {MAX_KEY_CHARS} characters"
+    if isinstance(key, str) and _unstorable(key):
+        return f"{UNSTORABLE}key holds NUL or a lone surrogate"
     return None
+
+
+def _meta_checked(row: Row) -> Row:
+    """`row`, or it as invalid with no metadata if its metadata cannot be stored."""
+    if not _meta_unstorable(row[2]):
+        return row
+    return (row[0], row[1], {}, f"{UNSTORABLE}the metadata holds a lone surrogate", row[4])
 
 
 @dataclass
@@ -150,10 +199,14 @@ class Rejected:
 
     count: int = 0
     first_reason: str | None = None
+    #: the first rejection for a key no database can store (POST /jobs refuses those)
+    unstorable: str | None = None
 
     def add(self, reason: str) -> None:
         self.count += 1
         self.first_reason = self.first_reason or reason
+        if reason.startswith(UNSTORABLE) or f": {UNSTORABLE}" in reason:
+            self.unstorable = self.unstorable or reason
 
 
 def iter_records(
@@ -168,13 +221,17 @@ def _rows(
 ) -> Iterator[Row]:
     kind = _top_level_kind(stream, path)
     url_field = fmt.url_field
+    # only the pure-Python parser yields lone surrogates (see _meta_unstorable)
+    check_meta = parser is not ijson
     if kind == "object":
         for key, value in parser.kvitems(stream, "", use_float=True):
-            # an object's keys are strings: only empty and too long ones are refused
-            if not key or len(key) > MAX_KEY_CHARS:
+            # an object's keys are strings: only empty, too long and unstorable ones
+            # are refused
+            if not key or len(key) > MAX_KEY_CHARS or _unstorable(key):
                 rejected.add(_key_problem(key) or "key is not usable")
                 continue
-            yield _row(key, value, url_field)
+            row = _row(key, value, url_field)
+            yield _meta_checked(row) if check_meta else row
         return
     key_field = fmt.key_field
     for index, value in enumerate(parser.items(stream, "item", use_float=True)):
@@ -185,7 +242,7 @@ def _rows(
             continue
         row = _row(str(key), value, url_field)
         row[2].pop(key_field, None)  # the metadata is the parsed dict, the key not in it
-        yield row
+        yield _meta_checked(row) if check_meta else row
 
 
 def _json_error_position(path: Path) -> str:
@@ -227,11 +284,14 @@ def import_catalogue(
     with _no_cyclic_gc():
         try:
             return _import_with(ijson, engine, path, fmt, now=now)
-        except _BigIntegers:
+        except _BigIntegers as exc:
             # The C backend stops at any integer beyond 64 bits (a tweet id, say),
-            # even in metadata we only carry along; the pure-Python one takes them,
-            # slower.  The first pass rolled back, so nothing is counted twice.
-            log.info("%s holds integers beyond 64 bits: importing with the Python parser", path)
+            # even in metadata we only carry along, and at an escaped lone low
+            # surrogate ("\udc80", which it turns into bytes that are not UTF-8);
+            # the pure-Python one takes both, slower, and the surrogates then make
+            # their records invalid, not the file.  The first pass rolled back, so
+            # nothing is counted twice.
+            log.info("%s holds %s: importing with the Python parser", path, exc)
             return _import_with(ijson.get_backend("python"), engine, path, fmt, now=now)
 
 
@@ -254,7 +314,7 @@ def _no_cyclic_gc() -> Iterator[None]:
 
 
 class _BigIntegers(Exception):
-    """The fast JSON parser refused an integer beyond 64 bits."""
+    """The fast JSON parser refused an integer beyond 64 bits, or a lone surrogate."""
 
 
 def _import_with(
@@ -275,13 +335,15 @@ def _import_with(
                 counts.add(write_batch(conn, batch, now=now, insert_first=insert_first))
         except ijson.JSONError as exc:
             if "integer overflow" in str(exc) and parser is ijson:
-                raise _BigIntegers from None
+                raise _BigIntegers("integers beyond 64 bits") from None
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise RunnerError(
                 f"{path}: invalid JSON at {_json_error_position(path)}: {reason}; "
                 "nothing was imported"
             ) from None
         except UnicodeDecodeError as exc:
+            if parser is ijson:  # perhaps a lone surrogate (see import_catalogue)
+                raise _BigIntegers("text that is not UTF-8") from None
             raise RunnerError(
                 f"{path}: not UTF-8 text ({exc.reason}); nothing was imported"
             ) from None

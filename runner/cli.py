@@ -242,6 +242,20 @@ def _api_options(default_http: str | None) -> Callable[[Callable[..., Any]], Cal
             show_default=True,
             help="Largest API request body.",
         ),
+        click.option(
+            "--max-encode-requests",
+            type=click.IntRange(1, 1024),
+            default=4,
+            show_default=True,
+            help="/encode_audio requests at once; more get 429 with Retry-After.",
+        ),
+        click.option(
+            "--encode-max-body-bytes",
+            type=Size(),
+            default="64KiB",
+            show_default=True,
+            help="Largest /encode_audio request body.",
+        ),
     ]
 
     def apply(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -389,7 +403,14 @@ def _api_config(options: dict[str, Any]) -> ApiConfig | None:
     http = options.pop("http")
     api_options = {
         name: options.pop(name)
-        for name in ("token", "allow_private_urls", "encode_timeout_s", "max_body_bytes")
+        for name in (
+            "token",
+            "allow_private_urls",
+            "encode_timeout_s",
+            "max_body_bytes",
+            "max_encode_requests",
+            "encode_max_body_bytes",
+        )
     }
     if http is None:
         return None

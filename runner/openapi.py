@@ -23,12 +23,16 @@ def _ref(name: str) -> dict[str, str]:
 
 def _errors(*codes: int) -> dict[str, Any]:
     reasons = {
-        400: "Malformed JSON or a bad field.",
+        400: "Malformed JSON or a bad field (POST /jobs: also a key, URL or metadata "
+        "holding NUL or a lone surrogate, which no database can store).",
         401: "Missing or wrong bearer token.",
         403: "URL refused: loopback, private or link-local address.",
         404: "No such job.",
-        413: "Request body over the size limit.",
-        422: "The source is not decodable media (or has no audio).",
+        413: "Request body over the size limit (/encode_audio has a smaller one).",
+        415: "POST bodies must be sent as Content-Type: application/json.",
+        421: "Host header does not name this server (bound to loopback: DNS rebinding).",
+        422: "The source is not decodable media (or has no audio), or the embedding is not finite.",
+        429: "Too many /encode_audio requests at once; retry after Retry-After seconds.",
         502: "The source could not be fetched (connection, HTTP error, not media).",
         503: "The daemon is stopping.",
         504: "The source or the whole request timed out.",
@@ -108,6 +112,12 @@ SCHEMAS: dict[str, Any] = {
             "error_class": {"type": "string", "nullable": True},
             "http_status": {"type": "integer", "nullable": True},
             "finished_at": {"type": "number", "nullable": True},
+            "result_error": {
+                "type": "string",
+                "nullable": True,
+                "description": "Why a done job's result is null: the stored numbers are "
+                "not finite (NaN or Infinity), which JSON cannot carry.",
+            },
             "result": {
                 "type": "object",
                 "nullable": True,
@@ -131,13 +141,14 @@ SCHEMAS: dict[str, Any] = {
 
 def document(*, secured: bool) -> dict[str, Any]:
     """The OpenAPI document; `secured`: the routes need a bearer token."""
-    auth = _errors(401) if secured else {}
+    # 421: on loopback, every route checks the Host header
+    auth = _errors(401, 421) if secured else _errors(421)
     paths: dict[str, Any] = {
         "/healthz": {
             "get": {
                 "summary": "Liveness; never needs a token.",
                 "security": [],
-                "responses": {"200": _json({"type": "object"}, "Alive.")},
+                "responses": {"200": _json({"type": "object"}, "Alive.")} | _errors(421),
             }
         },
         "/status": {
@@ -174,7 +185,7 @@ def document(*, secured: bool) -> dict[str, Any]:
                     "content": {"application/json": {"schema": _ref("JobsRequest")}},
                 },
                 "responses": {"200": _json(_ref("ImportCounts"), "Counts.")}
-                | _errors(400, 403, 413)
+                | _errors(400, 403, 413, 415)
                 | auth,
             }
         },
@@ -195,7 +206,7 @@ def document(*, secured: bool) -> dict[str, Any]:
                     "content": {"application/json": {"schema": _ref("EncodeRequest")}},
                 },
                 "responses": {"200": _json(_ref("EncodeResponse"), "The embedding.")}
-                | _errors(400, 403, 413, 422, 502, 503, 504)
+                | _errors(400, 403, 413, 415, 422, 429, 502, 503, 504)
                 | auth,
             }
         },

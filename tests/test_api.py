@@ -127,7 +127,7 @@ def test_encode_audio_bad_requests(
     api: ApiServer, body: object, status: int, fragment: str
 ) -> None:
     data = body if isinstance(body, dict | list | bytes) else str(body)
-    reply = api("POST", "/encode_audio", data)
+    reply = api("POST", "/encode_audio", data, headers={"Content-Type": "application/json"})
     assert reply.status == status, reply
     assert fragment in reply.json()["error"]
 
@@ -271,7 +271,7 @@ def test_post_jobs_accepts_one_record_and_the_catalogue_mapping(
     assert job["key"] == "one/with slash é"
     assert (job["state"], job["http_status"]) == ("failed", 410)
     for bad in ("5", '"text"', "[1, 2", "null"):
-        reply = api("POST", "/jobs", bad)
+        reply = api("POST", "/jobs", bad, headers={"Content-Type": "application/json"})
         assert reply.status == 400 and reply.json()["error"], bad
 
 

@@ -359,3 +359,95 @@ def test_host_fast_path_agrees_with_host_of(url: str) -> None:
 )
 def test_host_fast_path_agrees_with_host_of_on_anything(scheme: str, rest: str) -> None:
     assert catalogue_write.host_column(scheme + rest) == host_of(scheme + rest)
+
+
+# --- text no database can store ------------------------------------------------------
+
+
+def _import_raw(engine: Engine, path: Path, text: str, fmt: CatalogueFormat) -> str:
+    path.write_text(text, encoding="utf-8")
+    counts, rejected = import_catalogue(engine, path, fmt, now=1.0)
+    return f"inserted {counts.inserted}, invalid {counts.invalid}, rejected {rejected.count}"
+
+
+def test_nul_in_keys_and_urls_is_invalid_not_a_failed_import(
+    any_engine: Engine, tmp_path: Path
+) -> None:
+    """PostgreSQL refuses NUL in text, SQLite would take it: both count the record
+    invalid (a key that cannot be stored is rejected) and import the rest."""
+    text = (
+        '{"nul\\u0000key": {"url": "http://x.test/a"},'
+        ' "nul-url": {"url": "http://x.test/\\u0000", "t": 1},'
+        ' "nul-meta": {"url": "http://x.test/m", "t": "a\\u0000b", "\\u0000": 2}}'
+    )
+    assert _import_raw(any_engine, tmp_path / "o.json", text, CatalogueFormat()) == (
+        "inserted 1, invalid 2, rejected 1"
+    )
+    stored = table(any_engine)
+    assert set(stored) == {"nul-url", "nul-meta"}
+    assert stored["nul-url"].url is None and stored["nul-url"].status == "failed"
+    assert stored["nul-url"].error.startswith(catalogue.UNSTORABLE)
+    # NUL in metadata is stored: the meta column is JSON text, where it is an escape
+    assert json.loads(stored["nul-meta"].meta) == {"t": "a\x00b", "\x00": 2}
+
+    array = '[{"id": "a\\u0000", "url": "http://x.test/a"}, {"id": 5, "url": "http://x.test/5"}]'
+    counts, rejected = import_catalogue(
+        any_engine, write_text(tmp_path / "a.json", array), CatalogueFormat(), now=2.0
+    )
+    assert (counts.inserted, counts.invalid, rejected.count) == (1, 1, 1)
+    assert (
+        rejected.unstorable == f"record #0: {catalogue.UNSTORABLE}key holds NUL or a lone surrogate"
+    )
+
+
+def write_text(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_lone_surrogates_are_invalid_with_the_python_parser(
+    any_engine: Engine, tmp_path: Path
+) -> None:
+    """An integer beyond 64 bits sends the file to the pure-Python parser, which keeps
+    lone surrogates (not UTF-8: PostgreSQL refuses them) in keys, URLs and metadata."""
+    text = (
+        '{"big": {"url": "http://x.test/b", "n": 123456789012345678901234567890},'
+        ' "sur\\ud800": {"url": "http://x.test/k"},'
+        ' "sur-url": {"url": "http://x.test/\\udfff"},'
+        ' "sur-meta": {"url": "http://x.test/m", "deep": [{"\\udc80": 1}]},'
+        ' "pair": {"url": "http://x.test/\\ud83d\\ude00", "t": "\\ud83d\\ude00"}}'
+    )
+    low = text.replace('"n": 123456789012345678901234567890', '"n": 1')  # C parser first
+    assert _import_raw(any_engine, tmp_path / "low.json", low, CatalogueFormat()) == (
+        "inserted 2, invalid 3, rejected 1"
+    )
+    any_engine.dispose()
+    with any_engine.begin() as conn:
+        conn.execute(jobs.delete())
+    assert _import_raw(any_engine, tmp_path / "s.json", text, CatalogueFormat()) == (
+        "inserted 2, invalid 3, rejected 1"
+    )
+    stored = table(any_engine)
+    assert set(stored) == {"big", "sur-url", "sur-meta", "pair"}
+    assert stored["sur-url"].url is None
+    assert stored["sur-meta"].meta is None and stored["sur-meta"].url == "http://x.test/m"
+    assert stored["sur-meta"].error == f"{catalogue.UNSTORABLE}the metadata holds a lone surrogate"
+    assert json.loads(stored["pair"].meta) == {"t": "\U0001f600"}
+
+
+def test_the_c_parser_never_yields_lone_surrogates() -> None:
+    """Why the fast path skips the metadata walk (catalogue._meta_unstorable): the C
+    parser turns a lone high surrogate into "?" and fails on a low one (the import
+    then goes over to the Python parser)."""
+    import io
+
+    import ijson
+
+    raw = b'{"a\\ud800": {"b\\ud800": ["\\ud800", "\\ud83d\\ude00"]}}'
+    ((key, value),) = ijson.kvitems(io.BytesIO(raw), "")
+    for text_ in (key, *value, *value["b?"]):
+        text_.encode()  # raises on a lone surrogate
+    with pytest.raises(UnicodeDecodeError):
+        list(ijson.kvitems(io.BytesIO(b'{"a": "\\udc80"}'), ""))
+    assert catalogue._meta_unstorable({"k": ["\ud800"]})
+    assert not catalogue._meta_unstorable({"k\x00": ["\x00", "é", 1]})
