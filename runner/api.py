@@ -36,7 +36,7 @@ import logging
 import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -44,7 +44,7 @@ import aiohttp
 import ijson
 import numpy as np
 from aiohttp import web
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, select, text
 from yarl import URL
 
 from runner import catalogue, jobs
@@ -82,7 +82,8 @@ OPEN_ROUTES = frozenset({"/healthz"})
 class ApiConfig:
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT
-    token: str | None = None
+    #: kept out of repr: configs get logged and shown in tracebacks, the token must not
+    token: str | None = field(default=None, repr=False)
     allow_private_urls: bool = False
     max_body_bytes: int = 8 << 20
     #: /encode_audio requests served at once; more get 429 (ad-hoc work must not
@@ -453,14 +454,23 @@ async def _refuse_private(records: list[catalogue.Record], guard: UrlGuard | Non
             raise ApiError(403, f"job {record.key!r}: {exc}") from None
 
 
+#: a job whose URL an API caller gave: every daemon fetches it through the URL guard
+MARK_FROM_API = text(
+    "UPDATE jobs SET origin = 'api' WHERE key = :key AND url = :url AND status != 'done'"
+)
+
+
 def store_records(engine: Engine, records: list[catalogue.Record]) -> catalogue.ImportCounts:
-    """One transaction, batched like `runner import`."""
+    """One transaction, batched like `runner import`; the jobs whose URL this request
+    set are marked as the API's, so daemons fetch them guarded."""
     counts, now = catalogue.ImportCounts(), time.time()
     with engine.begin() as conn:
         for start in range(0, len(records), BATCH_RECORDS):
-            counts.add(
-                catalogue.upsert_records(conn, records[start : start + BATCH_RECORDS], now=now)
-            )
+            batch = records[start : start + BATCH_RECORDS]
+            counts.add(catalogue.upsert_records(conn, batch, now=now))
+            marks = [{"key": r.key, "url": r.url} for r in batch if r.url and not r.invalid]
+            if marks:
+                conn.execute(MARK_FROM_API, marks)
     return counts
 
 

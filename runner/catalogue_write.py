@@ -170,7 +170,7 @@ _URL_REPLACEABLE = (Status.PENDING.value, Status.FAILED.value, Status.RUNNING.va
 # and rows whose URL already is the new one (a concurrent import), are not matched.
 # (CAST: PostgreSQL cannot infer a parameter's type from `IS NOT NULL` alone.)
 _UPDATE_URL_SQL = (
-    "UPDATE jobs SET url = :url, host = :host, meta = :meta,"
+    "UPDATE jobs SET url = :url, host = :host, meta = :meta, origin = NULL,"
     " status = CASE WHEN CAST(:invalid AS TEXT) IS NOT NULL THEN 'failed' ELSE 'pending' END,"
     " attempts = CASE WHEN status IN ('failed', 'running') THEN 0 ELSE attempts END,"
     " worker_id = CASE WHEN status = 'running' THEN NULL ELSE worker_id END,"

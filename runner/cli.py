@@ -226,7 +226,9 @@ def _api_options(default_http: str | None) -> Callable[[Callable[..., Any]], Cal
         click.option(
             "--allow-private-urls",
             is_flag=True,
-            help="Let API URLs reach loopback, private and link-local addresses.",
+            help="Let URLs from API callers (/encode_audio, and jobs queued with POST "
+            "/jobs when this daemon fetches them) reach loopback, private and link-local "
+            "addresses.",
         ),
         click.option(
             "--encode-timeout-s",
@@ -270,6 +272,13 @@ def _api_options(default_http: str | None) -> Callable[[Callable[..., Any]], Cal
 @_daemon_options
 @_api_options(default_http=None)
 @click.option("--until-done", is_flag=True, help="Exit 0 once nothing is pending.")
+@click.option(
+    "--guard-catalogue-urls",
+    "guard_catalogue",
+    is_flag=True,
+    help="Fetch the catalogue's URLs through the same guard as API callers' (no "
+    "loopback, private or link-local address on any hop).",
+)
 @click.option(
     "--workdir",
     type=click.Path(path_type=Path),
@@ -383,8 +392,9 @@ def _run_daemon(ctx: click.Context, options: dict[str, Any]) -> None:
     """Composes the daemon and, with --http, the HTTP API around it."""
     from runner.daemon import run_daemon
 
+    allow_private_urls = options["allow_private_urls"]
     api = _api_config(options)  # a bad --http fails before a model or the database is touched
-    config = _daemon_config(options)
+    config = _daemon_config(options, allow_private_urls=allow_private_urls)
     services = []
     if api is not None:
         from runner.api import api_service
@@ -420,9 +430,9 @@ def _api_config(options: dict[str, Any]) -> ApiConfig | None:
     return config
 
 
-def _daemon_config(options: dict[str, Any]) -> DaemonConfig:
+def _daemon_config(options: dict[str, Any], *, allow_private_urls: bool) -> DaemonConfig:
     from runner.config import DaemonConfig
-    from runner.download import DownloadLimits
+    from runner.download import DownloadLimits, UrlGuard
     from runner.embed import DEFAULT_MODEL_ID, resolve_device, resolve_dtype
     from runner.retry import RetryPolicy
 
@@ -446,6 +456,7 @@ def _daemon_config(options: dict[str, Any]) -> DaemonConfig:
         options.pop("decoders", None)
     options["model_id"] = options["model_id"] or DEFAULT_MODEL_ID
     options["max_audio_s"] = options["max_audio_s"] or None
+    options["url_guard"] = None if allow_private_urls else UrlGuard()
     return DaemonConfig(limits=limits, retry=retry, **options)
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from runner.decode import DEFAULT_MAX_AUDIO_S
-from runner.download import DownloadLimits
+from runner.download import DownloadLimits, UrlGuard
 from runner.retry import RetryPolicy
 
 
@@ -47,6 +47,11 @@ class DaemonConfig:
     progress_bar: bool = False
     #: False for `runner serve`: no jobs from the database, only the HTTP API's
     claim_jobs: bool = True
+    #: what jobs queued through the API (and, with `guard_catalogue`, every job) are
+    #: fetched through: no loopback, private or link-local address on any hop; None
+    #: lets them reach anything (--allow-private-urls)
+    url_guard: UrlGuard | None = field(default_factory=UrlGuard)
+    guard_catalogue: bool = False
 
     @property
     def claim_ahead(self) -> int:

@@ -106,10 +106,8 @@ class Daemon:
             self.embedder = await loop.run_in_executor(self._model_thread, self._load_model)
         scheduler = self._scheduler(loop)
         with Workdir(self.config.workdir) as workdir:
-            async with make_session(
-                self.config.limits, connections=self.config.downloads, per_host=self.config.per_host
-            ) as session:
-                self._build_stages(session, workdir, self.embedder)
+            async with self._session() as session, self._session(guarded=True) as guarded:
+                self._build_stages(session, guarded, workdir, self.embedder)
                 scheduler.start()
                 try:
                     async with contextlib.AsyncExitStack() as services:
@@ -120,6 +118,13 @@ class Daemon:
                     scheduler.shutdown(wait=False)
                     await asyncio.shield(self._shutdown())
 
+    def _session(self, *, guarded: bool = False) -> aiohttp.ClientSession:
+        cfg = self.config
+        guard = cfg.url_guard if guarded else None
+        return make_session(
+            cfg.limits, connections=cfg.downloads, per_host=cfg.per_host, guard=guard
+        )
+
     def _load_model(self) -> Embedder:
         cfg = self.config
         return Embedder(
@@ -127,7 +132,11 @@ class Daemon:
         )
 
     def _build_stages(
-        self, session: aiohttp.ClientSession, workdir: Workdir, embedder: Embedder
+        self,
+        session: aiohttp.ClientSession,
+        guarded: aiohttp.ClientSession,
+        workdir: Workdir,
+        embedder: Embedder,
     ) -> None:
         cfg = self.config
         prefetch = ByteBudget(cfg.prefetch_bytes)
@@ -152,6 +161,8 @@ class Daemon:
             self.decode_q,
             self.metrics,
             per_host=cfg.per_host,
+            guarded_session=guarded,
+            guard_catalogue=cfg.guard_catalogue,
         )
         self.decoders = DecoderPool(
             cfg.decoders,

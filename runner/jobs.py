@@ -32,6 +32,7 @@ queries are in `runner.queries`.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
@@ -65,6 +66,8 @@ class Job:
     #: the claim number; a later claim of the same job has a larger one
     claims: int
     worker_id: str
+    #: where the URL came from: None the catalogue, 'api' POST /jobs (fetched guarded)
+    origin: str | None = None
 
 
 @dataclass(frozen=True)
@@ -143,6 +146,7 @@ def _job(row: Any, worker_id: str) -> Job:
         attempts=row.attempts,
         claims=row.claims,
         worker_id=worker_id,
+        origin=row.origin,
     )
 
 
@@ -199,7 +203,7 @@ def claim(
             started_at=None,
             not_before=None,
         )
-        .returning(jobs.c.id, jobs.c.key, jobs.c.url, jobs.c.attempts, jobs.c.claims)
+        .returning(jobs.c.id, jobs.c.key, jobs.c.url, jobs.c.attempts, jobs.c.claims, jobs.c.origin)
     )
     with engine.begin() as conn:
         rows = conn.execute(stmt).all()
@@ -215,14 +219,7 @@ def start(engine: Engine, job: Job, *, now: float | None = None) -> Job:
     )
     with engine.begin() as conn:
         _guarded(conn, stmt, "start", job)
-    return Job(
-        id=job.id,
-        key=job.key,
-        url=job.url,
-        attempts=job.attempts + 1,
-        claims=job.claims,
-        worker_id=job.worker_id,
-    )
+    return dataclasses.replace(job, attempts=job.attempts + 1)
 
 
 def complete(conn: Connection, job: Job, result: Result, *, now: float | None = None) -> None:

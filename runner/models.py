@@ -55,6 +55,8 @@ jobs = Table(
     Column("started_at", Float, nullable=True),
     # the URL's host (runner/urls.py), so a claim can skip hosts in backoff
     Column("host", Text, nullable=True),
+    # NULL: the operator's catalogue; 'api': queued by POST /jobs, fetched guarded
+    Column("origin", String(16), nullable=True),
     Index("ix_jobs_status_id", "status", "id"),
     Index("ix_jobs_finished_at", "finished_at"),
 )

@@ -26,7 +26,7 @@ from runner.api import ApiConfig, api_service
 from runner.config import DaemonConfig
 from runner.daemon import Daemon
 from runner.db import connect
-from runner.download import DownloadLimits
+from runner.download import DownloadLimits, UrlGuard
 from runner.retry import RetryPolicy
 from tests.threaded_server import serve_in_thread
 
@@ -94,6 +94,10 @@ class ApiServer:
             time.sleep(0.05)
 
 
+#: jobs queued through the API are fetched guarded; the test servers are local
+LOCAL_GUARD = UrlGuard(exempt=(ipaddress.ip_network("127.0.0.0/8"),))
+
+
 def daemon_config(tiny_model: Path, workdir: Path, **kwargs: Any) -> DaemonConfig:
     return DaemonConfig(
         model_id=str(tiny_model),
@@ -107,7 +111,7 @@ def daemon_config(tiny_model: Path, workdir: Path, **kwargs: Any) -> DaemonConfi
         retry=RetryPolicy(max_attempts=1),
         poll_s=0.1,
         grace_s=0,
-        **kwargs,
+        **{"url_guard": LOCAL_GUARD, **kwargs},
     )
 
 

@@ -102,11 +102,15 @@ class Downloader:
         metrics: Metrics,
         *,
         per_host: int,
+        guarded_session: aiohttp.ClientSession | None = None,
+        guard_catalogue: bool = False,
     ) -> None:
         self.db, self.inflight, self.hosts = db, inflight, hosts
         self.session, self.limits, self.workdir, self.prefetch = session, limits, workdir, prefetch
         self.queue_in, self.out, self.metrics = queue_in, out, metrics
         self.slots = HostSlots(per_host)
+        #: for URLs a caller gave (jobs queued with POST /jobs), or every URL
+        self.guarded_session, self.guard_catalogue = guarded_session, guard_catalogue
 
     async def run(self) -> None:
         while True:
@@ -138,10 +142,19 @@ class Downloader:
             return False
         return True
 
+    def _session_for(self, job: jobs.Job) -> aiohttp.ClientSession:
+        """The guarded session for a URL from an API caller (however it was checked
+        when queued: DNS answers and redirects are decided now), or for every URL
+        with --guard-catalogue-urls; the daemon's own otherwise."""
+        guarded = job.origin == "api" or self.guard_catalogue
+        if guarded and self.guarded_session is not None:
+            return self.guarded_session
+        return self.session
+
     async def _download(self, attempt: Attempt) -> Downloaded | None:
         dest = self.workdir.temp_path(attempt.job.id)
         started = time.monotonic()
-        session = attempt.session or self.session
+        session = attempt.session or self._session_for(attempt.job)
         attempt.transfer = asyncio.ensure_future(
             download(session, attempt.job.url, dest, self.limits)
         )
