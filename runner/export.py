@@ -23,7 +23,7 @@ from pathlib import Path
 from sqlalchemy import Engine
 
 from runner.errors import RunnerError
-from runner.export_common import reading, shape, vectors_where
+from runner.export_common import one_set_of_files, reading, shape, vectors_where
 from runner.export_json import (
     FAIL_FILE,
     PROCESS_FILE,
@@ -147,7 +147,7 @@ def export(
         raise RunnerError(f"cannot create output directory {out}: {exc.strerror}") from None
     skipped: list[str] = []
     merged = 0
-    with reading(engine) as conn:
+    with reading(engine) as conn, one_set_of_files():
         everything = None
         if pca is not None:  # refuse before any file is written
             everything = shape(conn, vectors_where(None))

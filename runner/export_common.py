@@ -7,6 +7,7 @@ the others (the façade, runner/export.py, imports them all).
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import itertools
 import os
 from collections.abc import Generator, Iterable, Iterator
@@ -29,22 +30,54 @@ STREAM_ROWS = 500
 WRITE_BUFFER_BYTES = 1 << 20
 
 
+#: inside `one_set_of_files`: the (temp, final) renames waiting for the set to end
+_DEFERRED: contextvars.ContextVar[list[tuple[Path, Path]] | None] = contextvars.ContextVar(
+    "runner_export_renames", default=None
+)
+
+
+@contextlib.contextmanager
+def one_set_of_files() -> Iterator[None]:
+    """The files written inside appear together or not at all: each is renamed into
+    place only once every one of them is complete, so an export that fails half-way
+    (a bad file to merge, a vector PCA refuses) leaves the earlier set as it was,
+    never new vectors beside old failures."""
+    pending: list[tuple[Path, Path]] = []
+    token = _DEFERRED.set(pending)
+    try:
+        yield
+        for tmp, path in pending:
+            os.replace(tmp, path)
+        pending.clear()
+    finally:
+        _DEFERRED.reset(token)
+        for tmp, _ in pending:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+
+
 @contextlib.contextmanager
 def _atomic(path: Path, mode: str) -> Iterator[IO[Any]]:
     """A reader or a crash never sees half a file: write a temp file in the same
-    directory, fsync it, rename it over `path`.  On any error the temp file goes
-    and whatever `path` held before stays."""
+    directory, fsync it, rename it over `path` (inside `one_set_of_files`, when the
+    whole set is written).  On any error the temp file goes and whatever `path`
+    held before stays."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    deferred = _DEFERRED.get()
     try:
         encoding = None if "b" in mode else "utf-8"
         with tmp.open(mode, buffering=WRITE_BUFFER_BYTES, encoding=encoding) as stream:
             yield stream
             stream.flush()
             os.fsync(stream.fileno())
+        if deferred is not None:
+            deferred.append((tmp, path))
+            return
         os.replace(tmp, path)
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+        if deferred is None or (tmp, path) not in deferred:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
 
 
 def atomic_text(path: Path) -> contextlib.AbstractContextManager[IO[str]]:

@@ -117,7 +117,7 @@ class KeyBuffer:
                 for start in range(0, rows, per_chunk):
                     stop = min(rows, start + per_chunk)
                     write(np.array(self.decode(start, stop), dtype=dtype))
-        npz.put("keys_utf8", np.frombuffer(bytes(self.data), dtype=np.uint8))
+        npz.put("keys_utf8", np.frombuffer(self.data, dtype=np.uint8))  # no copy
         npz.put("key_offsets", self.offsets[: rows + 1])
 
     def decode(self, start: int, stop: int) -> list[str]:

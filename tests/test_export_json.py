@@ -201,3 +201,21 @@ def test_merge_refuses_a_file_that_is_not_an_object(
     assert "is not a JSON object" in one_line_error(result)
     assert (tmp_path / "audio_vectors.json").read_text() == "[[1.0, 2.0]]\n"
     assert not list(tmp_path.glob(".*tmp*"))
+
+
+def test_an_export_that_fails_half_way_leaves_the_earlier_set_whole(
+    cli: Cli, engine: Engine, tmp_path: Path
+) -> None:
+    """A merge that fails on the last file (here a cut audio_fail.json) must not
+    leave new vectors beside the old failures: no file of the set is replaced."""
+    done_vectors(engine, 3, 4, now=10.0)
+    cli("export", "--out", str(tmp_path))
+    before = {p.name: p.read_bytes() for p in tmp_path.glob("audio_*.json")}
+    done_vectors(engine, 2, 4, now=20.0, prefix="w")
+    cut = before["audio_fail.json"] + b'{"x": '
+    (tmp_path / "audio_fail.json").write_bytes(cut)
+    result = cli("export", "--out", str(tmp_path), "--merge", ok=False)
+    assert "cannot merge" in one_line_error(result)
+    after = {p.name: p.read_bytes() for p in tmp_path.glob("audio_*.json")}
+    assert after == {**before, "audio_fail.json": cut}
+    assert not list(tmp_path.glob(".*tmp*"))
