@@ -59,11 +59,44 @@ def _sqlite_begin(conn: Connection) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
+def shown_url(url: str | URL) -> str:
+    """The URL for messages and logs, password hidden: error lines end up in terminals,
+    CI logs and bug reports, and a --db URL often carries the database password."""
+    if isinstance(url, URL):
+        return url.render_as_string(hide_password=True)
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except (ArgumentError, ValueError):
+        pass
+    # Unparseable, so SQLAlchemy cannot say where the password is: hide everything
+    # between the scheme's "://" (or the start) and the last "@", but the user name.
+    if "@" not in url:
+        return url
+    head, tail = url.rsplit("@", 1)
+    scheme, sep, userinfo = head.rpartition("://")
+    user = userinfo.split(":", 1)[0] if sep else ""
+    return f"{scheme}{sep}{user}:***@{tail}" if user else f"{scheme}{sep}***@{tail}"
+
+
+def _scrub(message: str, url: str | URL) -> str:
+    """`message` with the URL and its password replaced: driver and SQLAlchemy error
+    texts may quote the connection string or its parts back at us."""
+    raw = url if isinstance(url, str) else url.render_as_string(hide_password=False)
+    message = message.replace(raw, shown_url(url))
+    try:
+        password = url.password if isinstance(url, URL) else make_url(url).password
+    except (ArgumentError, ValueError):
+        password = None
+    if password:
+        message = message.replace(str(password), "***")
+    return message
+
+
 def make_engine(url: str) -> Engine:
     try:
         parsed = make_url(url)
-    except ArgumentError as exc:
-        raise RunnerError(f"invalid --db URL {url!r}: {exc}") from None
+    except (ArgumentError, ValueError) as exc:  # ValueError: a port that is no number
+        raise RunnerError(f"invalid --db URL {shown_url(url)!r}: {_scrub(str(exc), url)}") from None
     try:
         if parsed.get_backend_name() == "sqlite":
             if parsed.database and parsed.database != ":memory:":
@@ -79,7 +112,9 @@ def make_engine(url: str) -> Engine:
         else:
             engine = _server_engine(parsed)
     except NoSuchModuleError as exc:
-        raise RunnerError(f"unsupported --db URL {url!r}: {exc}") from None
+        raise RunnerError(
+            f"unsupported --db URL {shown_url(parsed)!r}: {_scrub(str(exc), url)}"
+        ) from None
     except ModuleNotFoundError as exc:
         raise RunnerError(f"--db {parsed.drivername}: driver not installed ({exc.name})") from None
     return engine
@@ -171,7 +206,7 @@ def migrate(engine: Engine) -> None:
                 cfg.attributes["connection"] = conn
                 command.upgrade(cfg, "head")
     except OperationalError as exc:
-        raise RunnerError(f"cannot open database: {exc.orig}") from None
+        raise RunnerError(f"cannot open database: {_scrub(str(exc.orig), engine.url)}") from None
 
 
 def connect(url: str) -> Engine:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import re
 import socket
 import time
 from collections import deque
@@ -60,6 +61,72 @@ class Downloaded:
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
+#: A host spelt like an IPv4 address in one of the legacy forms `inet_aton` (and so
+#: getaddrinfo) accepts: one to four dot-separated decimal, octal or hex parts.
+_NUMERIC_HOST = re.compile(
+    r"(?:0[xX][0-9a-fA-F]*|[0-9]+)(?:\.(?:0[xX][0-9a-fA-F]*|[0-9]+)){0,3}\.?"
+)
+
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+#: RFC 8215 local-use NAT64 prefix: translates into the operator's own network, so it
+#: is never public whatever it embeds (Python before 3.13 calls it global).
+_NAT64_LOCAL = ipaddress.IPv6Network("64:ff9b:1::/48")
+#: deprecated IPv4-compatible addresses (::a.b.c.d); :: and ::1 are judged as themselves
+_IPV4_COMPATIBLE = ipaddress.IPv6Network("::/96")
+
+
+def legacy_ipv4(host: str) -> ipaddress.IPv4Address | None:
+    """The address a numeric host such as ``127.1``, ``2130706433``, ``0177.0.0.1`` or
+    ``0x7f.1`` means, or None for any other host.
+
+    `ipaddress` rejects these spellings, yet the system resolver reads them as
+    addresses, so treating them as names would let ``http://127.1/`` through as a
+    "name" that is really loopback.  A numeric host that is no address either (a part
+    too large) is refused: no DNS name is all digits, so it is not a name.
+    """
+    if not _NUMERIC_HOST.fullmatch(host):
+        return None
+    try:
+        return ipaddress.IPv4Address(socket.inet_aton(host.removesuffix(".")))
+    except OSError:
+        raise UrlRefusedError(f"refused: {host} is not a valid IPv4 address") from None
+
+
+def _embedded_ipv4(ip: ipaddress.IPv6Address) -> list[tuple[str, ipaddress.IPv4Address]]:
+    """IPv4 addresses an IPv6 address carries for a transition mechanism: packets to it
+    end up at the IPv4 address (via a gateway or relay), so that address must be
+    public too.  IPv4-mapped addresses are unwrapped before this, as the same host."""
+    found: list[tuple[str, ipaddress.IPv4Address]] = []
+    low32 = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    if ip in _NAT64 or ip in _NAT64_LOCAL:
+        found.append(("NAT64", low32))
+    if ip.sixtofour is not None:
+        found.append(("6to4", ip.sixtofour))
+    if ip.teredo is not None:
+        server, client = ip.teredo
+        found += [("Teredo", client), ("Teredo server", server)]
+    if ip in _IPV4_COMPATIBLE and int(ip) > 1:
+        found.append(("IPv4-compatible", low32))
+    return found
+
+
+def _non_public_kind(ip: IPAddress) -> str | None:
+    """Why `ip` is not a public unicast address, or None when it is."""
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.is_site_local:  # deprecated, but still routed inside some networks
+            return "site-local"
+        if ip in _NAT64_LOCAL:
+            return "local-use NAT64"
+    if ip.is_global and not ip.is_multicast:
+        return None
+    if ip.is_loopback:
+        return "loopback"
+    if ip.is_link_local:
+        return "link-local"
+    if ip.is_private:
+        return "private"
+    return "non-public"
+
 
 @dataclass(frozen=True)
 class UrlGuard:
@@ -77,27 +144,40 @@ class UrlGuard:
     exempt: tuple[IPNetwork, ...] = ()
 
     def address_problem(self, host: str, address: str) -> str | None:
+        """Why connecting to `address` (which `host` names) is refused, or None.
+
+        IPv6 addresses that embed an IPv4 address (NAT64, 6to4, Teredo,
+        IPv4-compatible) are judged by the embedded address as well: a public-looking
+        IPv6 literal must not reach 127.0.0.1 or 10.x through a translator.
+        """
         ip: IPAddress = ipaddress.ip_address(address.split("%", 1)[0])
         if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
             ip = ip.ipv4_mapped
         if any(ip in network for network in self.exempt):
             return None
-        if ip.is_global and not ip.is_multicast:
-            return None
-        kind = (
-            "loopback"
-            if ip.is_loopback
-            else "link-local"
-            if ip.is_link_local
-            else "private"
-            if ip.is_private
-            else "non-public"
-        )
         shown = host if host == str(ip) else f"{host} ({ip})"
-        return f"refused: {shown} is a {kind} address"
+        if isinstance(ip, ipaddress.IPv6Address):
+            for mechanism, inner in _embedded_ipv4(ip):
+                kind = _non_public_kind(inner)
+                if kind:
+                    return f"refused: {host} ({mechanism} of {inner}) is a {kind} address"
+        kind = _non_public_kind(ip)
+        return f"refused: {shown} is a {kind} address" if kind else None
+
+    def literal_address(self, host: str) -> IPAddress | None:
+        """The address `host` spells, in any form the connector or the system resolver
+        would take as an address rather than a name; None for a name."""
+        legacy = legacy_ipv4(host)
+        if legacy is not None:
+            return legacy
+        try:
+            return ipaddress.ip_address(host.split("%", 1)[0])
+        except ValueError:
+            return None
 
     def check_url(self, url: str | URL) -> None:
-        """Scheme, and the host when it is an IP literal (the connector never resolves those)."""
+        """Scheme, and the host when it is an IP literal (the connector never resolves
+        those).  Legacy numeric spellings (``127.1``) count as literals."""
         parsed = URL(url) if isinstance(url, str) else url
         if parsed.scheme not in ("http", "https"):
             scheme = parsed.scheme or "none"
@@ -105,10 +185,10 @@ class UrlGuard:
         host = (parsed.raw_host or "").strip("[]")
         if not host:
             raise UrlRefusedError("refused: url has no host")
-        try:
-            problem = self.address_problem(host, host)
-        except ValueError:
+        address = self.literal_address(host)
+        if address is None:
             return  # a name: the resolver checks what it resolves to
+        problem = self.address_problem(host, str(address))
         if problem:
             raise UrlRefusedError(problem)
 
@@ -117,11 +197,8 @@ class UrlGuard:
         be fetched later.  A name that does not resolve passes (its download fails)."""
         self.check_url(url)
         host = (URL(url).raw_host or "").strip("[]")
-        try:
-            ipaddress.ip_address(host)
+        if self.literal_address(host) is not None:
             return  # a literal, checked above
-        except ValueError:
-            pass
         loop = asyncio.get_running_loop()
         try:
             infos = await asyncio.wait_for(loop.getaddrinfo(host, None), 10)
@@ -149,6 +226,21 @@ class GuardedResolver(AbstractResolver):
     async def resolve(
         self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
     ) -> list[ResolveResult]:
+        literal = self.guard.literal_address(host)
+        if literal is not None:  # a legacy spelling (0x7f.1): judged, never looked up
+            problem = self.guard.address_problem(host, str(literal))
+            if problem:
+                raise UrlRefusedError(problem)
+            return [
+                {
+                    "hostname": host,
+                    "host": str(literal),
+                    "port": port,
+                    "family": socket.AF_INET6 if literal.version == 6 else socket.AF_INET,
+                    "proto": 0,
+                    "flags": socket.AI_NUMERICHOST,
+                }
+            ]
         results = await self.inner.resolve(host, port, family)
         for result in results:
             problem = self.guard.address_problem(host, result["host"])
