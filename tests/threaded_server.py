@@ -26,11 +26,13 @@ def serve_in_thread(app: web.Application, *, name: str, host: str = "127.0.0.1")
         await runner.setup()
         await web.TCPSite(runner, host, 0).start()
         started["runner"] = runner
-        ready.set()
 
     def serve() -> None:
         asyncio.set_event_loop(loop)
         loop.run_until_complete(start())
+        # ready only once run_forever runs: a stop sent earlier, while
+        # run_until_complete was finishing, would be swallowed by it and lost
+        loop.call_soon(ready.set)
         loop.run_forever()
         loop.run_until_complete(started["runner"].cleanup())
         loop.close()
