@@ -91,6 +91,9 @@ class ApiConfig:
     max_encode_requests: int = 4
     #: /encode_audio's body limit: it only ever carries a URL and a timeout
     encode_max_body_bytes: int = 64 * 1024
+    #: /encode_audio's own cap on decoded audio: a caller waits on it, so much
+    #: smaller than the daemon's --max-audio-s
+    encode_max_audio_s: float = 1800.0
     #: longest /encode_audio request; a request may ask for less with "timeout_s"
     encode_timeout_s: float = 600.0
     #: networks let through despite the private-address refusal (tests use 127.0.0.1)
@@ -569,7 +572,12 @@ async def _encode_audio(request: web.Request, config: ApiConfig) -> web.Response
     try:
         session = request.app.get(ADHOC_SESSION)
         result = await asyncio.wait_for(
-            _daemon(request).encode_url(url, session=session), timeout_s
+            _daemon(request).encode_url(
+                url,
+                session=session,
+                audio_cap=(config.encode_max_audio_s, "--encode-max-audio-s"),
+            ),
+            timeout_s,
         )
     except TimeoutError:  # asyncio.TimeoutError is this builtin since 3.11
         return _error(504, f"not finished within {timeout_s:g} s")

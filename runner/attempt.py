@@ -52,6 +52,9 @@ class Attempt:
     session: aiohttp.ClientSession | None = None
     #: its download while one runs, so dropping the attempt frees the slot at once
     transfer: asyncio.Future | None = None
+    #: ad-hoc: its own cap on decoded audio (seconds, and the option that sets it);
+    #: None: the daemon's --max-audio-s
+    audio_cap: tuple[float, str] | None = None
 
     @property
     def adhoc(self) -> bool:

@@ -252,6 +252,13 @@ def _api_options(default_http: str | None) -> Callable[[Callable[..., Any]], Cal
             help="/encode_audio requests at once; more get 429 with Retry-After.",
         ),
         click.option(
+            "--encode-max-audio-s",
+            type=click.FloatRange(1),
+            default=1800.0,
+            show_default=True,
+            help="Longest audio /encode_audio embeds; longer fails with 422 too_long.",
+        ),
+        click.option(
             "--encode-max-body-bytes",
             type=Size(),
             default="64KiB",
@@ -420,6 +427,7 @@ def _api_config(options: dict[str, Any]) -> ApiConfig | None:
             "max_body_bytes",
             "max_encode_requests",
             "encode_max_body_bytes",
+            "encode_max_audio_s",
         )
     }
     if http is None:

@@ -306,7 +306,11 @@ class Daemon:
     # --- ad-hoc jobs (the HTTP API) ----------------------------------------------
 
     async def encode_url(
-        self, url: str, *, session: aiohttp.ClientSession | None = None
+        self,
+        url: str,
+        *,
+        session: aiohttp.ClientSession | None = None,
+        audio_cap: tuple[float, str] | None = None,
     ) -> jobs.Result:
         """One URL through the same download → decode → embed stages, outside the
         database: an attempt with a negative id whose outcome answers a future."""
@@ -316,7 +320,7 @@ class Daemon:
             id=next(self._adhoc_ids), key="", url=url, attempts=0, claims=0, worker_id=""
         )
         reply: asyncio.Future[jobs.Result] = asyncio.get_running_loop().create_future()
-        attempt = Attempt(job, reply=reply, session=session)
+        attempt = Attempt(job, reply=reply, session=session, audio_cap=audio_cap)
         self.inflight.add(attempt)
         try:
             await self.download_q.put(attempt)

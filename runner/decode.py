@@ -222,8 +222,10 @@ class AudioStream:
         window_samples: int,
         *,
         max_audio_s: float | None = DEFAULT_MAX_AUDIO_S,
+        cap_option: str = "--max-audio-s",
     ) -> None:
-        """`max_audio_s`: longer audio fails as TooLongError; None means no cap."""
+        """`max_audio_s`: longer audio fails as TooLongError naming `cap_option` (the
+        option that sets it); None means no cap."""
         if window_samples <= 0:
             raise ValueError(f"window_samples must be positive, got {window_samples}")
         if max_audio_s is not None and not max_audio_s > 0:
@@ -231,6 +233,7 @@ class AudioStream:
         self.path = path
         self.window_samples = window_samples
         self.max_audio_s = max_audio_s
+        self.cap_option = cap_option
         self.samples_total = 0
         self._info: MediaInfo | None = None
         self._proc: subprocess.Popen[bytes] | None = None
@@ -319,7 +322,7 @@ class AudioStream:
         if stated_s is not None and stated_s > self.max_audio_s:
             raise TooLongError(
                 f"audio is {stated_s:.0f} s long per its container, over the limit of "
-                f"{self.max_audio_s:g} s (--max-audio-s)"
+                f"{self.max_audio_s:g} s ({self.cap_option})"
             )
 
     def _check_decoded_length(self) -> None:
@@ -327,7 +330,7 @@ class AudioStream:
         if self.max_audio_s is not None and self.samples_total > self.max_audio_s * SAMPLE_RATE_HZ:
             raise TooLongError(
                 f"decoded more than {self.max_audio_s:g} s of audio, the limit "
-                "(--max-audio-s); stopped there"
+                f"({self.cap_option}); stopped there"
             )
 
     def _check_samples(self, samples: np.ndarray) -> None:

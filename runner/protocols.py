@@ -28,9 +28,16 @@ class DaemonHandle(Protocol):
     def stopping(self) -> bool:
         """Draining or stopped: new ad-hoc work is refused."""
 
-    async def encode_url(self, url: str, *, session: aiohttp.ClientSession | None) -> Result:
+    async def encode_url(
+        self,
+        url: str,
+        *,
+        session: aiohttp.ClientSession | None,
+        audio_cap: tuple[float, str] | None = None,
+    ) -> Result:
         """Run one URL through the daemon's own download → decode → embed stages,
-        outside the database.  Raises the JobError that ended it, or Stopping."""
+        outside the database, with its own cap on decoded audio (seconds, option).
+        Raises the JobError that ended it, or Stopping."""
 
     def queue_depths(self) -> dict[str, int]:
         """Items waiting in each stage queue, for /metrics."""

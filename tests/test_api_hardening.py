@@ -27,8 +27,11 @@ from tests.api_server import (
     run_api_server,
     run_helper_server,
 )
+from tests.conftest import MediaServer
 
 ENCODE_BODY = 1024
+#: under long.mp4's 65 s: /encode_audio's own, smaller cap on decoded audio
+ENCODE_MAX_AUDIO_S = 30.0
 JSON = {"Content-Type": "application/json"}
 
 
@@ -50,6 +53,7 @@ def api(
         max_body_bytes=MAX_BODY_BYTES,
         max_encode_requests=1,
         encode_max_body_bytes=ENCODE_BODY,
+        encode_max_audio_s=ENCODE_MAX_AUDIO_S,
     )
     db_url = f"sqlite:///{root / 'runner.db'}"
     with run_api_server(db_url, daemon_config(tiny_model, root / "work"), embedder, config) as srv:
@@ -180,3 +184,18 @@ def test_an_embedding_that_is_not_finite_is_a_422() -> None:
     assert caught.value.status == 422 and "not finite" in caught.value.message
     fine = jobs.Result(np.array([0.5, 0.25], dtype=np.float32), 1.0, 1, 0.1, "m")
     assert _encode_view(fine)["features"] == [[0.5, 0.25]]
+
+
+def test_encode_audio_has_its_own_smaller_audio_cap(api: ApiServer, server: MediaServer) -> None:
+    """A caller waits on /encode_audio: a source longer than --encode-max-audio-s fails
+    as too_long (422) before any of it is embedded, while the daemon's own, larger
+    --max-audio-s still applies to catalogue jobs."""
+    reply = api("POST", "/encode_audio", {"video_url": server.url("media/long.mp4")})
+    assert reply.status == 422, reply
+    body = reply.json()
+    assert body["error_class"] == "too_long"
+    assert "--encode-max-audio-s" in body["error"]
+    short = api("POST", "/encode_audio", {"video_url": server.url("media/song.mp3")})
+    assert short.status == 200, short
+    api("POST", "/jobs", [{"key": "long-job", "url": server.url("media/long.mp4")}])
+    assert api.wait_for_job("long-job")["state"] == "done"

@@ -76,7 +76,10 @@ class DecoderPool:
         if not attempt.live:
             return Decoded(attempt, 0)
         try:
-            with AudioStream(item.path, WINDOW_SAMPLES, max_audio_s=self.max_audio_s) as stream:
+            cap_s, option = attempt.audio_cap or (self.max_audio_s, "--max-audio-s")
+            with AudioStream(
+                item.path, WINDOW_SAMPLES, max_audio_s=cap_s, cap_option=option
+            ) as stream:
                 for window in stream:
                     if not attempt.live:
                         return Decoded(attempt, sent)
