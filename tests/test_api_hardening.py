@@ -199,3 +199,15 @@ def test_encode_audio_has_its_own_smaller_audio_cap(api: ApiServer, server: Medi
     assert short.status == 200, short
     api("POST", "/jobs", [{"key": "long-job", "url": server.url("media/long.mp4")}])
     assert api.wait_for_job("long-job")["state"] == "done"
+
+
+def test_a_caller_that_gives_up_stops_its_download(api: ApiServer, helper: HelperServer) -> None:
+    """The caller's timeout ends the work too: the stalled download is cancelled at
+    once (its temp file gone well before the 2 s read timeout would end it)."""
+    workdir = api.daemon.config.workdir
+    reply = api("POST", "/encode_audio", {"video_url": helper.url("/stall"), "timeout_s": 0.5})
+    assert reply.status == 504, reply
+    given_up = time.monotonic()
+    while list(workdir.rglob("*.part")):
+        assert time.monotonic() - given_up < 1.0, "the download went on after the caller left"
+        time.sleep(0.02)
