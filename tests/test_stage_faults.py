@@ -559,3 +559,32 @@ def test_dropping_an_attempt_cancels_its_download_and_frees_the_slot(
         took_s, got = asyncio.run(main(f"{base_url}/stall"))
     assert got.attempt.job.id == -2 and got.size_bytes > 0
     assert took_s < 5, took_s  # not the 30 s read timeout
+
+
+class OverflowingEmbedder(FlakyEmbedder):
+    """The real model's output, with one frame sum overflowed to Inf (as float16 does)."""
+
+    def embed(self, windows: Sequence[np.ndarray]) -> list[WindowEmbedding]:
+        parts = self.real.embed(windows)
+        for i, window in enumerate(windows):
+            if window[0] == POISON:
+                overflowed = parts[i].frame_sum.copy()
+                overflowed[0] = np.inf
+                parts[i] = WindowEmbedding(frame_sum=overflowed, frames=parts[i].frames)
+        return parts
+
+
+def test_a_non_finite_embedding_fails_its_video_and_is_never_stored(embedder: Embedder) -> None:
+    videos = [
+        (Attempt(job=make_job(n)), windows_for(n, 2, first=POISON if n == 1 else None))
+        for n in range(3)
+    ]
+    _, outcomes = asyncio.run(
+        run_embed_loop(OverflowingEmbedder(embedder), videos, batch_seconds=30.0)
+    )
+    bad = outcomes["v1"]
+    assert bad.result is None and bad.failure is not None
+    assert bad.failure.error_class == "embed" and "not finite" in bad.failure.message
+    for attempt, windows in videos:
+        if attempt.job.key != "v1":
+            assert_embedded(embedder, outcomes[attempt.job.key], windows, embedder.model_id)

@@ -8,6 +8,7 @@ import logging
 import time
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from runner.attempt import Attempt
@@ -146,8 +147,19 @@ class EmbedLoop:
             ) from exc
 
     def _maybe_complete(self, attempt: Attempt) -> None:
-        if attempt.live and attempt.complete:
-            self.inflight.succeed(attempt, attempt.result(self.embedder.model_id))
+        if not (attempt.live and attempt.complete):
+            return
+        result = attempt.result(self.embedder.model_id)
+        if not np.isfinite(result.vector).all():  # a float16 overflow, a broken model
+            self.inflight.error(
+                attempt,
+                EmbedError(
+                    "the embedding is not finite (NaN or Inf; a float16 overflow? "
+                    "try --dtype float32 or bfloat16)"
+                ),
+            )
+            return
+        self.inflight.succeed(attempt, result)
 
     def shutdown(self) -> None:
         self._model.shutdown()
