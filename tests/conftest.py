@@ -13,6 +13,7 @@ from aiohttp import web
 from click.testing import CliRunner, Result
 
 from runner.cli import main
+from tests.api_server import HelperServer, run_helper_server
 from tests.threaded_server import serve_in_thread
 
 TINY_HIDDEN = 32
@@ -178,6 +179,13 @@ def cli(db_url: str) -> Cli:
 def write_catalogue(path: Path, records: dict) -> Path:
     path.write_text(json.dumps(records), encoding="utf-8")
     return path
+
+
+@pytest.fixture(scope="session")
+def helper() -> Iterator[HelperServer]:
+    """Redirects, and responses slow to start or stalling half-way (tests/api_server.py)."""
+    with run_helper_server() as server:
+        yield server
 
 
 from tests.postgres import any_db_url, pg_url, postgres_server  # noqa: E402, F401

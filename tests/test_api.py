@@ -29,15 +29,8 @@ from tests.api_server import (
     daemon_config,
     request,
     run_api_server,
-    run_helper_server,
 )
 from tests.conftest import TINY_HIDDEN, Cli, MediaServer, write_catalogue
-
-
-@pytest.fixture(scope="module")
-def helper() -> Iterator[HelperServer]:
-    with run_helper_server() as server:
-        yield server
 
 
 @pytest.fixture(scope="module")

@@ -10,10 +10,7 @@ an internal address the exemption does not cover.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from runner.api import ApiConfig
 from runner.db import connect
@@ -26,18 +23,11 @@ from tests.api_server import (
     HelperServer,
     daemon_config,
     run_api_server,
-    run_helper_server,
 )
 from tests.conftest import MediaServer
 
 #: only the test servers' own address
 GUARD = UrlGuard(exempt=(ipaddress.ip_network("127.0.0.1/32"),))
-
-
-@pytest.fixture(scope="module")
-def helper() -> Iterator[HelperServer]:
-    with run_helper_server() as server:
-        yield server
 
 
 def serve(root: Path, tiny_model: Path, embedder: object, **daemon: object) -> ApiServer:

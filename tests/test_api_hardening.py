@@ -25,7 +25,6 @@ from tests.api_server import (
     HelperServer,
     daemon_config,
     run_api_server,
-    run_helper_server,
 )
 from tests.conftest import MediaServer
 
@@ -33,12 +32,6 @@ ENCODE_BODY = 1024
 #: under long.mp4's 65 s: /encode_audio's own, smaller cap on decoded audio
 ENCODE_MAX_AUDIO_S = 30.0
 JSON = {"Content-Type": "application/json"}
-
-
-@pytest.fixture(scope="module")
-def helper() -> Iterator[HelperServer]:
-    with run_helper_server() as server:
-        yield server
 
 
 @pytest.fixture(scope="module")
