@@ -75,6 +75,12 @@ _STREAM_TYPE_RE = re.compile(r"^(\s*Stream #\S+: )(\w+):", re.MULTILINE)
 _NO_AUDIO_MARKERS = ("matches no streams", "does not contain any stream")
 _DURATION_RE = re.compile(r"^\s*Duration: (\d+):(\d\d):(\d\d(?:\.\d+)?)", re.MULTILINE)
 _NOT_WHITELISTED_MARKER = "not on whitelist"
+#: ffmpeg guessed the duration from the bitrate (VBR mp3 without a Xing header, ADTS
+#: aac): often several times off, so neither too_long nor truncated may rely on it
+_ESTIMATED_MARKER = "Estimating duration from bitrate"
+#: what ffmpeg logs when a file's data ends before its index says it does
+_CUT_MARKERS = ("partial file", "ended prematurely", "Invalid data found when processing input")
+_VIDEO_STREAM_RE = re.compile(r"^\s*Stream #\d+:\d+.*: Video:", re.MULTILINE)
 
 #: Demuxers for the containers we accept, by ffmpeg's demuxer names (a demuxer matches
 #: when any of its comma-separated names is listed).  Left out on purpose: anything that
@@ -100,6 +106,10 @@ ACCEPTED_FORMATS = (
     "asf",
     "mpegts",
     "mpeg",
+    "dv",
+    "mxf",
+    "rm",
+    "au",
 )
 
 
@@ -318,7 +328,7 @@ class AudioStream:
             return
         assert self._log is not None
         head = os.pread(self._log.fileno(), _LOG_HEAD_BYTES, 0).decode("utf-8", "replace")
-        stated_s = stated_duration_s(input_header(head))
+        stated_s = None if _ESTIMATED_MARKER in head else stated_duration_s(input_header(head))
         if stated_s is not None and stated_s > self.max_audio_s:
             raise TooLongError(
                 f"audio is {stated_s:.0f} s long per its container, over the limit of "
@@ -408,9 +418,13 @@ def _media_info(
     if samples_total == 0:
         raise DecodeError("no audio samples decoded")
     decoded_s = samples_total / SAMPLE_RATE_HZ
-    stated_s = stated_duration_s(header)
+    stated_s = None if _ESTIMATED_MARKER in log else stated_duration_s(header)
+    # The stated duration is the longest stream's: a video may well outlast its audio,
+    # so with a video stream only a file ffmpeg found cut short counts as truncated.
+    cut = not _VIDEO_STREAM_RE.search(header) or any(m in log for m in _CUT_MARKERS)
     if (
         stated_s is not None
+        and cut
         and decoded_s < TRUNCATED_RATIO * stated_s
         and stated_s - decoded_s > TRUNCATED_MIN_SHORT_S
     ):

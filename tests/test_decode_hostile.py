@@ -6,6 +6,7 @@ before any of it reaches the model, while every good file still decodes."""
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -178,3 +179,34 @@ def test_pool_fails_nan_source(tmp_path: Path) -> None:
     assert isinstance(marker.error, DecodeError) and "non-finite" in str(marker.error)
     assert WINDOW_SAMPLES > 0.5 * SAMPLE_RATE_HZ  # the NaN is in the first pool window
     assert windows == []
+
+
+def test_a_video_outlasting_its_audio_is_not_truncated(tmp_path: Path) -> None:
+    """The container's duration is the longest stream's: 12 s of picture over 6 s of
+    sound is a whole file (found by review), unlike a cut one, which ffmpeg reports."""
+    path = tmp_path / "long-picture.mp4"
+    subprocess.run(
+        [
+            media.FFMPEG_EXE,
+            "-hide_banner",
+            "-loglevel",
+            "error",
+            "-f",
+            "lavfi",
+            "-i",
+            "testsrc=size=64x48:rate=10:duration=12",
+            "-f",
+            "lavfi",
+            "-i",
+            "sine=frequency=440:sample_rate=16000:duration=6",
+            "-c:v",
+            "libx264",
+            "-c:a",
+            "aac",
+            str(path),
+        ],
+        check=True,
+    )
+    windows, info = decode_all(path, WINDOW_SAMPLES)
+    assert 5.5 < sum(len(w) for w in windows) / SAMPLE_RATE_HZ < 6.5
+    assert info.duration_s > 11
