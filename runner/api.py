@@ -631,8 +631,13 @@ async def serve_api(daemon: DaemonHandle, config: ApiConfig) -> AsyncIterator[st
             per_host=daemon.config.per_host,
             guard=guard,
         )
+    # handler_cancellation: a caller who hangs up cancels its handler, and so its
+    # /encode_audio slot and its download, instead of holding them to the timeout
     app_runner = web.AppRunner(
-        make_app(daemon, config, session), access_log=None, shutdown_timeout=5.0
+        make_app(daemon, config, session),
+        access_log=None,
+        shutdown_timeout=5.0,
+        handler_cancellation=True,
     )
     await app_runner.setup()
     try:

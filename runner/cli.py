@@ -400,6 +400,8 @@ def _run_daemon(ctx: click.Context, options: dict[str, Any]) -> None:
     from runner.daemon import run_daemon
 
     allow_private_urls = options["allow_private_urls"]
+    if allow_private_urls and options.get("guard_catalogue"):
+        raise RunnerError("--guard-catalogue-urls and --allow-private-urls contradict each other")
     api = _api_config(options)  # a bad --http fails before a model or the database is touched
     config = _daemon_config(options, allow_private_urls=allow_private_urls)
     services = []

@@ -4,6 +4,7 @@ checks, the /encode_audio limits, strict JSON and records no database can store.
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -204,3 +205,27 @@ def test_a_caller_that_gives_up_stops_its_download(api: ApiServer, helper: Helpe
     while list(workdir.rglob("*.part")):
         assert time.monotonic() - given_up < 1.0, "the download went on after the caller left"
         time.sleep(0.02)
+
+
+def test_a_caller_that_hangs_up_stops_its_download(api: ApiServer, helper: HelperServer) -> None:
+    """Closing the connection cancels the handler (handler_cancellation), and with it
+    the download and the /encode_audio slot, not only a timeout does."""
+    workdir = api.daemon.config.workdir
+    body = json.dumps({"video_url": helper.url("/stall")}).encode()
+    host, port = api.base_url.removeprefix("http://").rsplit(":", 1)
+    head = (
+        f"POST /encode_audio HTTP/1.1\r\nHost: {host}:{port}\r\n"
+        f"Authorization: Bearer {TOKEN}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    with socket.create_connection((host, int(port)), timeout=5) as conn:
+        conn.sendall(head + body)
+        started = time.monotonic()
+        while not list(workdir.rglob("*.part")):  # the download is under way
+            assert time.monotonic() - started < 5, "the download never started"
+            time.sleep(0.02)
+    hung_up = time.monotonic()
+    while list(workdir.rglob("*.part")):
+        assert time.monotonic() - hung_up < 1.0, "the download went on after the caller left"
+        time.sleep(0.02)
+    assert api("GET", "/healthz").status == 200
