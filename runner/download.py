@@ -295,8 +295,6 @@ class HostGate:
     def __init__(self) -> None:
         self._until: dict[str, float] = {}
 
-    host_of = staticmethod(host_of)
-
     def blocked_until(self, url: str, *, now: float) -> float | None:
         until = self._until.get(host_of(url))
         if until is None or until <= now:

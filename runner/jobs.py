@@ -342,8 +342,8 @@ def _held_by(worker_id: str, held: Iterable[Job] | None) -> list[Any] | None:
     terms = [jobs.c.status == Status.RUNNING.value, jobs.c.worker_id == worker_id]
     if held is None:
         return terms
-    fences = [(job.id, job.claims) for job in held]
-    return [*terms, tuple_(jobs.c.id, jobs.c.claims).in_(fences)] if fences else None
+    attempts = _held_by_attempts(held)
+    return None if attempts is None else [*terms, attempts]
 
 
 def renew_leases(

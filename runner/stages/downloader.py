@@ -151,6 +151,21 @@ class Downloader:
             return self.guarded_session
         return self.session
 
+    def _ends_attempt(self, attempt: Attempt, exc: BaseException) -> bool:
+        """Whether a failed transfer ends only its attempt (recorded here), not the stage."""
+        if isinstance(exc, asyncio.CancelledError):
+            current = asyncio.current_task()
+            stopping = current is not None and current.cancelling() > 0
+            # dropped (lease lost, caller gone): the slot is free; else the stage stops
+            return not stopping and not attempt.live
+        if isinstance(exc, JobError):
+            self.inflight.error(attempt, exc)
+            return True
+        if isinstance(exc, OSError):  # our disk, not the server: this attempt, not the daemon
+            self.inflight.error(attempt, LocalError(f"writing the download failed: {exc}"))
+            return True
+        return False
+
     async def _download(self, attempt: Attempt) -> Downloaded | None:
         dest = self.workdir.temp_path(attempt.job.id)
         started = time.monotonic()
@@ -160,23 +175,11 @@ class Downloader:
         )
         try:
             got = await attempt.transfer
-        except asyncio.CancelledError:
+        except BaseException as exc:
             self.workdir.remove(dest)
-            current = asyncio.current_task()
-            if (current is not None and current.cancelling()) or attempt.live:
-                raise  # the stage itself is stopping
-            return None  # the attempt was dropped (lease lost, caller gone): slot freed
-        except JobError as exc:
-            self.workdir.remove(dest)
-            self.inflight.error(attempt, exc)
+            if not self._ends_attempt(attempt, exc):
+                raise
             return None
-        except OSError as exc:  # our disk, not the server: this attempt, not the daemon
-            self.workdir.remove(dest)
-            self.inflight.error(attempt, LocalError(f"writing the download failed: {exc}"))
-            return None
-        except BaseException:
-            self.workdir.remove(dest)
-            raise
         finally:
             attempt.transfer = None
         self.metrics.downloaded(got.size_bytes, time.monotonic() - started)
