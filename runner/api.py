@@ -55,6 +55,8 @@ from runner.errors import (
     DecodeError,
     DownloadError,
     DownloadTimeoutError,
+    EmbedError,
+    EmbedOutOfMemoryError,
     JobError,
     RunnerError,
     Stopping,
@@ -522,6 +524,8 @@ ERROR_STATUSES: tuple[tuple[type[JobError], int], ...] = (
     (DownloadTimeoutError, 504),
     (DownloadError, 502),
     (DecodeError, 422),
+    (EmbedOutOfMemoryError, 503),  # the device, not the video: try again
+    (EmbedError, 422),  # failed alone in the model, or not finite (the embed loop's check)
 )
 
 

@@ -229,3 +229,17 @@ def test_a_caller_that_hangs_up_stops_its_download(api: ApiServer, helper: Helpe
         assert time.monotonic() - hung_up < 1.0, "the download went on after the caller left"
         time.sleep(0.02)
     assert api("GET", "/healthz").status == 200
+
+
+def test_embed_failures_have_their_own_statuses() -> None:
+    """A non-finite embedding is refused in the embed loop (an EmbedError): through
+    /encode_audio that is a 422 like undecodable media, and running out of device
+    memory a 503 to retry, never a 500."""
+    from runner.api import ERROR_STATUSES
+    from runner.errors import EmbedError, EmbedOutOfMemoryError
+
+    def status(exc: Exception) -> int:
+        return next((s for kind, s in ERROR_STATUSES if isinstance(exc, kind)), 500)
+
+    assert status(EmbedError("the embedding is not finite")) == 422
+    assert status(EmbedOutOfMemoryError("out of memory")) == 503
