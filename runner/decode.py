@@ -328,7 +328,7 @@ class AudioStream:
             return
         assert self._log is not None
         head = os.pread(self._log.fileno(), _LOG_HEAD_BYTES, 0).decode("utf-8", "replace")
-        stated_s = None if _ESTIMATED_MARKER in head else stated_duration_s(input_header(head))
+        stated_s = trusted_duration_s(head, input_header(head))
         if stated_s is not None and stated_s > self.max_audio_s:
             raise TooLongError(
                 f"audio is {stated_s:.0f} s long per its container, over the limit of "
@@ -367,6 +367,12 @@ def stated_duration_s(header: str) -> float | None:
         return None
     hours, minutes, seconds = match.groups()
     return int(hours) * 3600 + int(minutes) * 60 + float(seconds)
+
+
+def trusted_duration_s(log: str, header: str) -> float | None:
+    """The stated duration when ffmpeg read it, None when it only guessed it from the
+    bitrate (`_ESTIMATED_MARKER`): too_long and truncated must not rest on a guess."""
+    return None if _ESTIMATED_MARKER in log else stated_duration_s(header)
 
 
 def _reap(proc: subprocess.Popen[bytes]) -> None:
@@ -418,7 +424,7 @@ def _media_info(
     if samples_total == 0:
         raise DecodeError("no audio samples decoded")
     decoded_s = samples_total / SAMPLE_RATE_HZ
-    stated_s = None if _ESTIMATED_MARKER in log else stated_duration_s(header)
+    stated_s = trusted_duration_s(log, header)
     # The stated duration is the longest stream's: a video may well outlast its audio,
     # so with a video stream only a file ffmpeg found cut short counts as truncated.
     cut = not _VIDEO_STREAM_RE.search(header) or any(m in log for m in _CUT_MARKERS)
