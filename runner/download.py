@@ -448,11 +448,11 @@ async def download(
     status: int | None = None  # once the server answered, kept on a failure record
     try:
         # aiohttp's sock_read never fires while a server that sent a 1xx stalls
-        # (aio-libs/aiohttp#2926): bound the wait for the final headers ourselves
-        response = await asyncio.wait_for(
-            session.get(url, allow_redirects=True, max_redirects=10),
-            limits.connect_timeout_s + limits.read_timeout_s,
-        )
+        # (aio-libs/aiohttp#2926): bound the wait for the final headers ourselves.
+        # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel that
+        # lands with the headers, and a dropped or stopping transfer would go on.
+        async with asyncio.timeout(limits.connect_timeout_s + limits.read_timeout_s):
+            response = await session.get(url, allow_redirects=True, max_redirects=10)
         async with response:
             status = response.status
             if response.status != 200:

@@ -42,12 +42,10 @@ def parse_retry_after(value: str | None, *, now: float) -> float | None:
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
+    if value.isascii() and value.isdigit():  # not '²', which isdigit() also takes
         return float(value)
-    try:
+    try:  # a server's header: any nonsense (a year past 9999 overflows) means none
         moment = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+        return max(0.0, moment.timestamp() - now)
+    except (TypeError, ValueError, OverflowError, IndexError, AttributeError):
         return None
-    if moment is None:
-        return None
-    return max(0.0, moment.timestamp() - now)

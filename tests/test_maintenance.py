@@ -259,7 +259,8 @@ def test_parse_retry_after() -> None:
     assert parse_retry_after(" 7 ", now=NOW) == 7
     assert parse_retry_after(formatdate(NOW + 30, usegmt=True), now=NOW) == pytest.approx(30)
     assert parse_retry_after(formatdate(NOW - 30, usegmt=True), now=NOW) == 0
-    for junk in (None, "", "soon", "-5", "1.5e3", "Mon, 99 Foo 2020"):
+    hostile = ("1 Jan 2020 0:0:0 +99999999999999999999", "\u00b2", "Mon, 1 Jan 99999 0:0:0 GMT")
+    for junk in (None, "", "soon", "-5", "1.5e3", "Mon, 99 Foo 2020", *hostile):
         assert parse_retry_after(junk, now=NOW) is None
 
 

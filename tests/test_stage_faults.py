@@ -588,3 +588,39 @@ def test_a_non_finite_embedding_fails_its_video_and_is_never_stored(embedder: Em
     for attempt, windows in videos:
         if attempt.job.key != "v1":
             assert_embedded(embedder, outcomes[attempt.job.key], windows, embedder.model_id)
+
+
+def test_a_hostile_retry_after_fails_its_url_not_the_downloader(tmp_path: Any) -> None:
+    """A 429 whose Retry-After overflows the date parser used to escape download()
+    and kill the stage (and the daemon, at every restart): it is a transient 429."""
+
+    async def throttle(request: web.Request) -> web.Response:
+        headers = {"Retry-After": "1 Jan 2020 0:0:0 +99999999999999999999"}
+        return web.Response(status=429, headers=headers)
+
+    app = web.Application()
+    app.router.add_get("/x", throttle)
+
+    async def main(url: str) -> Any:
+        limits = DownloadLimits()
+        with Workdir(tmp_path / "work") as workdir:
+            async with make_session(limits, connections=1, per_host=1) as session:
+                downloader = make_downloader(session, limits, workdir, tmp_path, per_host=1)
+                task = asyncio.create_task(downloader.run())
+                reply = asyncio.get_running_loop().create_future()
+                job = dataclasses.replace(make_job(-1, attempts=0), url=url)
+                attempt = Attempt(job=job, reply=reply)
+                downloader.inflight.add(attempt)
+                downloader.queue_in.put_nowait(attempt)
+                error = (await asyncio.wait_for(asyncio.gather(reply, return_exceptions=True), 30))[
+                    0
+                ]
+                assert not task.done()
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+                return error
+
+    with serve_in_thread(app, name="hostile-retry-after") as base_url:
+        error = asyncio.run(main(f"{base_url}/x"))
+    assert isinstance(error, DownloadError) and error.transient, error
+    assert error.http_status == 429 and error.retry_after_s is None

@@ -16,7 +16,7 @@ from runner import jobs
 from runner.attempt import Attempt
 from runner.dbthread import DbThread
 from runner.download import DownloadLimits, HostGate, download
-from runner.errors import JobError, JobStateError, LocalError
+from runner.errors import DownloadError, JobError, JobStateError, LocalError
 from runner.metrics import Metrics
 from runner.stages.inflight import Inflight
 from runner.urls import host_of
@@ -163,6 +163,12 @@ class Downloader:
             return True
         if isinstance(exc, OSError):  # our disk, not the server: this attempt, not the daemon
             self.inflight.error(attempt, LocalError(f"writing the download failed: {exc}"))
+            return True
+        if isinstance(exc, Exception):  # what a server sent tripped something unforeseen:
+            # that URL fails, the daemon does not stop (and restart into it again)
+            log.exception("job %s: unexpected error while downloading", attempt.job.key)
+            error = DownloadError(f"unexpected error while downloading: {type(exc).__name__}")
+            self.inflight.error(attempt, error)
             return True
         return False
 
