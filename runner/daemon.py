@@ -225,7 +225,11 @@ class Daemon:
         finally:  # whatever the store did, what is still held goes back
             self.inflight.abandon_adhoc("the daemon stopped")
             released = await self.db.call(
-                jobs.release, None, worker_id=self.worker_id, refund=not self.crashed
+                jobs.release,
+                None,
+                worker_id=self.worker_id,
+                refund=not self.crashed,
+                max_attempts=self.config.retry.max_attempts,
             )
             if released:
                 log.info("released %d in-flight job(s) back to pending", released)

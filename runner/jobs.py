@@ -39,7 +39,19 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from sqlalchemy import Connection, Engine, Text, Update, case, cast, func, literal, select, tuple_
+from sqlalchemy import (
+    Connection,
+    Engine,
+    Text,
+    Update,
+    and_,
+    case,
+    cast,
+    func,
+    literal,
+    select,
+    tuple_,
+)
 from sqlalchemy import update as sql_update
 
 from runner.dbclock import clock
@@ -382,7 +394,12 @@ _TRY_GIVEN_BACK = case(
 
 
 def release(
-    engine: Engine, held: Iterable[Job] | None, *, worker_id: str, refund: bool = True
+    engine: Engine,
+    held: Iterable[Job] | None,
+    *,
+    worker_id: str,
+    refund: bool = True,
+    max_attempts: int | None = None,
 ) -> int:
     """Give running jobs back to the queue (shutdown).
 
@@ -390,8 +407,10 @@ def release(
     that way, so a claim that committed while its task was being cancelled (the
     daemon never learnt which jobs it took) is not stranded.  On a clean stop the
     interrupted try was our doing, not the video's, so a started one is given back
-    (`refund`); a daemon that stops because a stage crashed keeps it charged, so a
-    video that crashes its daemon still runs out of tries.
+    (`refund`); a daemon that stops because a stage crashed keeps it charged, and a
+    started job that has then used `max_attempts` is failed as the reaper would, so a
+    video that crashes its daemon runs out of tries.  Returns how many went back to
+    pending.
     """
     terms = _held_by(worker_id, held)
     if terms is None:
@@ -401,7 +420,33 @@ def release(
         sql_update(jobs).where(*terms).values(**_UNCLAIMED, attempts=attempts).returning(jobs.c.id)
     )
     with engine.begin() as conn:
+        if not refund and max_attempts is not None:
+            conn.execute(_give_up(and_(*terms, _out_of_tries(max_attempts)), clock(None)))
         return len(conn.execute(stmt).all())
+
+
+def _out_of_tries(max_attempts: int) -> Any:
+    """A started attempt that used the last try."""
+    return jobs.c.started_at.is_not(None) & (jobs.c.attempts >= max_attempts)
+
+
+def _give_up(where: Any, at: Any) -> Update:
+    """Failed as 'lost' (unless an earlier error says more): its worker stopped,
+    killed or crashed, during its last try."""
+    return (
+        sql_update(jobs)
+        .where(where)
+        .values(
+            status=Status.FAILED.value,
+            finished_at=at,
+            lease_expires_at=None,
+            error_class=func.coalesce(jobs.c.error_class, "lost"),
+            error=literal("gave up after ")
+            + cast(jobs.c.attempts, Text)
+            + literal(" attempts; the worker stopped (killed or crashed) during the last")
+            + func.coalesce(literal("; previous error: ") + jobs.c.error, literal("")),
+        )
+    )
 
 
 def requeue_abandoned(
@@ -429,21 +474,8 @@ def requeue_abandoned(
     spared = _held_by_attempts(spare)
     if spared is not None:
         abandoned = abandoned & ~spared
-    out_of_tries = jobs.c.started_at.is_not(None) & (jobs.c.attempts >= max_attempts)
-    gave_up = (
-        sql_update(jobs)
-        .where(abandoned, out_of_tries)
-        .values(
-            status=Status.FAILED.value,
-            finished_at=at,
-            lease_expires_at=None,
-            error_class=func.coalesce(jobs.c.error_class, "lost"),
-            error=literal("gave up after ")
-            + cast(jobs.c.attempts, Text)
-            + literal(" attempts; the worker stopped (killed or crashed) during the last")
-            + func.coalesce(literal("; previous error: ") + jobs.c.error, literal("")),
-        )
-    )
+    out_of_tries = _out_of_tries(max_attempts)
+    gave_up = _give_up(abandoned & out_of_tries, at)
     requeue = sql_update(jobs).where(abandoned, ~out_of_tries).values(**_UNCLAIMED)
     with engine.begin() as conn:
         failed = conn.execute(gave_up).rowcount

@@ -406,6 +406,23 @@ def test_release_after_a_stage_crash_keeps_the_started_try_charged(engine: Engin
     assert (after["b"]["status"], after["b"]["attempts"]) == ("pending", 0)
 
 
+def test_a_video_that_crashes_its_daemon_runs_out_of_tries(engine: Engine) -> None:
+    """Each crash keeps the try charged; once the last one is used the crash's own
+    release fails the job as the reaper would, instead of a crash loop."""
+    add_jobs(engine, {"a": "http://media.test/a"})
+    me = maintenance.new_worker_id()
+    for crash in range(1, 4):
+        [job] = claim_all(engine, me, NOW + crash)
+        jobs.start(engine, job, now=NOW + crash)
+        jobs.release(engine, None, worker_id=me, refund=False, max_attempts=3)
+        row = rows(engine)["a"]
+        if crash < 3:
+            assert (row["status"], row["attempts"]) == ("pending", crash)
+    assert (row["status"], row["attempts"], row["error_class"]) == ("failed", 3, "lost")
+    assert row["error"].startswith("gave up after 3 attempts")
+    assert claim_all(engine, me, NOW + 10) == []
+
+
 def test_a_daemons_own_reaper_spares_the_attempts_it_works_on(engine: Engine) -> None:
     """Its heartbeat held up behind a long write (an import's transaction), a daemon
     must not reap its own live jobs; a claim it does not know of (the reply was
