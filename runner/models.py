@@ -16,6 +16,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    text,
 )
 
 metadata = MetaData()
@@ -57,6 +58,29 @@ jobs = Table(
     Column("host", Text, nullable=True),
     # NULL: the operator's catalogue; 'api': queued by POST /jobs, fetched guarded
     Column("origin", String(16), nullable=True),
+    # the URL up to spellings that fetch the same bytes (runner/urls.py): keys that
+    # share it are fetched once, and at most one of them is ever running
+    Column("url_hash", String(32), nullable=True),
+    # embed_specs.id of the spec a done job's vector was made with
+    Column("embed_spec", String(32), nullable=True),
     Index("ix_jobs_status_id", "status", "id"),
     Index("ix_jobs_finished_at", "finished_at"),
+    Index("ix_jobs_url_hash", "url_hash", "status"),
+    Index(
+        "ux_jobs_running_url",
+        "url_hash",
+        unique=True,
+        sqlite_where=text("status = 'running'"),
+        postgresql_where=text("status = 'running'"),
+    ),
+)
+
+#: How vectors were made: model (id or path, and a hash of its config and weight
+#: files' names and sizes), layer, pooling, dtype, as JSON; `id` hashes that JSON.
+embed_specs = Table(
+    "embed_specs",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("spec", Text, nullable=False),
+    Column("created_at", Float, nullable=False),
 )
