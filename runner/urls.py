@@ -25,7 +25,9 @@ def host_of(url: str | None) -> str:
 _DEFAULT_PORTS = {"http": "80", "https": "443"}
 #: The common spelling, normalised without urlsplit's cost (import runs it a million
 #: times): scheme, host of plain ASCII, optional port, the rest, optional fragment.
-_SIMPLE_URL = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://([A-Za-z0-9.-]+)(?::(\d+))?([/?][^#]*)?(?:#.*)?")
+_SIMPLE_URL = re.compile(
+    r"([A-Za-z][A-Za-z0-9+.-]*)://([A-Za-z0-9.-]+)(?::(\d+))?([/?][^#]*)?(?:#.*)?"
+)
 
 
 def same_fetch_url(url: str) -> str:
