@@ -91,6 +91,8 @@ class Result:
     channels_count: int
     processing_audio_time_s: float
     model_id: str
+    #: embed_specs.id of how the vector was made (runner/spec.py); None: unrecorded
+    embed_spec: str | None = None
 
 
 @dataclass(frozen=True)
@@ -251,6 +253,7 @@ def complete(conn: Connection, job: Job, result: Result, *, now: float | None = 
             channels_count=result.channels_count,
             processing_audio_time_s=result.processing_audio_time_s,
             model_id=result.model_id,
+            embed_spec=result.embed_spec,
             error=None,
             error_class=None,
             http_status=None,
