@@ -26,7 +26,7 @@ from sqlalchemy import Connection
 from sqlalchemy.engine.interfaces import DBAPICursor
 
 from runner.jobs import Status
-from runner.urls import host_of
+from runner.urls import host_of, url_hash
 
 
 class Record(NamedTuple):
@@ -147,11 +147,11 @@ def _drop_secondary_indexes(cur: DBAPICursor) -> list[str]:
 # and the write is still handled by the rules, not by what the read saw.
 
 # New rows, as `_new_rows` makes them: a pending row binds only what varies (key,
-# url, host, meta, now); binding its constant status and four NULLs too made the
+# url, host, url_hash, meta, now); binding its constant status and four NULLs too made the
 # INSERT a third slower.  A failed one (unusable URL) adds the reason.
 _INSERT_PENDING = (
-    "INSERT INTO jobs (key, url, host, meta, created_at, status, attempts)"
-    " VALUES (?, ?, ?, ?, ?, 'pending', 0) ON CONFLICT (key) DO NOTHING"
+    "INSERT INTO jobs (key, url, host, url_hash, meta, created_at, status, attempts)"
+    " VALUES (?, ?, ?, ?, ?, ?, 'pending', 0) ON CONFLICT (key) DO NOTHING"
 )
 _INSERT_FAILED = (
     "INSERT INTO jobs (key, url, host, meta, created_at, error, status, error_class,"
@@ -170,7 +170,7 @@ _URL_REPLACEABLE = (Status.PENDING.value, Status.FAILED.value, Status.RUNNING.va
 # and rows whose URL already is the new one (a concurrent import), are not matched.
 # (CAST: PostgreSQL cannot infer a parameter's type from `IS NOT NULL` alone.)
 _UPDATE_URL_SQL = (
-    "UPDATE jobs SET url = :url, host = :host, meta = :meta, origin = NULL,"
+    "UPDATE jobs SET url = :url, host = :host, url_hash = :url_hash, meta = :meta, origin = NULL,"
     " status = CASE WHEN CAST(:invalid AS TEXT) IS NOT NULL THEN 'failed' ELSE 'pending' END,"
     " attempts = CASE WHEN status IN ('failed', 'running') THEN 0 ELSE attempts END,"
     " worker_id = CASE WHEN status = 'running' THEN NULL ELSE worker_id END,"
@@ -205,11 +205,12 @@ _EXISTING = {
 # arrays go in binary: psycopg quotes each element of a text-format array with a
 # regex, which took over a third of a first import's time.
 _INSERT_ARRAYS = _pyformat(
-    "INSERT INTO jobs (key, url, host, meta, status, attempts, error, error_class, created_at,"
-    " finished_at) SELECT k, u, h, m, s, 0, e, c, :now, f FROM unnest(CAST(:key AS TEXT[]),"
-    " CAST(:url AS TEXT[]), CAST(:host AS TEXT[]), CAST(:meta AS TEXT[]),"
-    " CAST(:status AS TEXT[]), CAST(:error AS TEXT[]), CAST(:error_class AS TEXT[]),"
-    " CAST(:finished_at AS FLOAT8[])) AS t(k, u, h, m, s, e, c, f) ON CONFLICT (key) DO NOTHING",
+    "INSERT INTO jobs (key, url, host, url_hash, meta, status, attempts, error, error_class,"
+    " created_at, finished_at) SELECT k, u, h, uh, m, s, 0, e, c, :now, f FROM unnest("
+    " CAST(:key AS TEXT[]), CAST(:url AS TEXT[]), CAST(:host AS TEXT[]),"
+    " CAST(:url_hash AS TEXT[]), CAST(:meta AS TEXT[]), CAST(:status AS TEXT[]),"
+    " CAST(:error AS TEXT[]), CAST(:error_class AS TEXT[]), CAST(:finished_at AS FLOAT8[]))"
+    " AS t(k, u, h, uh, m, s, e, c, f) ON CONFLICT (key) DO NOTHING",
     "b",
 )
 
@@ -244,7 +245,7 @@ def _new_rows(records: Iterable[Row], now: float) -> tuple[list[tuple], list[tup
         if host is None:
             host = host_column(url)
         if invalid is None:
-            pending.append((key, url, host, _meta_text(meta), now))
+            pending.append((key, url, host, url_hash(url), _meta_text(meta), now))
         else:
             failed.append((key, url, host, _meta_text(meta), now, invalid))
     return pending, failed
@@ -270,14 +271,15 @@ def _insert_new_rows(
     both = pending + failed
     if not both:
         return 0
-    now = both[0][4]
+    now = both[0][-1] if pending else failed[0][4]
     cur.execute(
         _INSERT_ARRAYS,
         {
             "key": [row[0] for row in both],
             "url": [row[1] for row in both],
             "host": [row[2] for row in both],
-            "meta": [row[3] for row in both],
+            "url_hash": [row[3] for row in pending] + [None] * len(failed),
+            "meta": [row[4] for row in pending] + [row[3] for row in failed],
             "status": [Status.PENDING.value] * len(pending) + [Status.FAILED.value] * len(failed),
             "error": [None] * len(pending) + [row[5] for row in failed],
             "error_class": [None] * len(pending) + ["invalid"] * len(failed),
@@ -376,6 +378,7 @@ def _upsert(conn: Connection, cur: DBAPICursor, batch: dict[str, Row], now: floa
                     "key": key,
                     "url": url,
                     "host": host_column(url) if host is None else host,
+                    "url_hash": None if invalid else url_hash(url),
                     "now": now,
                     "invalid": invalid,
                     "meta": _meta_text(meta),

@@ -42,17 +42,20 @@ import numpy as np
 from sqlalchemy import (
     Connection,
     Engine,
+    Select,
     Text,
     Update,
     and_,
     case,
     cast,
+    exists,
     func,
     literal,
     select,
     tuple_,
 )
 from sqlalchemy import update as sql_update
+from sqlalchemy.exc import IntegrityError
 
 from runner.dbclock import clock
 from runner.errors import JobStateError
@@ -186,26 +189,155 @@ def claim(
         jobs.c.status == Status.PENDING.value,
         jobs.c.not_before.is_(None) | (jobs.c.not_before <= at),
         jobs.c.url.is_not(None),
+        ~_url_running(),
     ]
     if skip_hosts:
         conditions.append(jobs.c.host.is_(None) | jobs.c.host.not_in(list(skip_hosts)))
     if exclude_ids:
         conditions.append(jobs.c.id.not_in(list(exclude_ids)))
-    candidates = (
-        select(jobs.c.id)
+    for _ in range(CLAIM_TRIES):
+        try:
+            with engine.begin() as conn:
+                due = _candidates(conditions, limit).with_only_columns(jobs.c.id)
+                _share_finished(conn, targets=due)
+                rows = conn.execute(
+                    _claim_statement(engine, conditions, limit, worker_id, at, lease_s)
+                ).all()
+            return sorted((_job(r, worker_id) for r in rows), key=lambda j: j.id)
+        except IntegrityError:
+            # Another daemon claimed a key of the same URL in the same instant; the
+            # unique index refused ours.  Its row is committed now: claim again.
+            continue
+    return []
+
+
+#: claims that collide with another daemon's on one URL (an IntegrityError each)
+#: before this round gives up and the claimer waits for its next poll
+CLAIM_TRIES = 3
+
+#: a URL's keys that one fetch serves (`_share_finished`): at most this many due
+#: rows are read per claimed job, so a run of keys of one URL still fills a claim
+CANDIDATES_PER_CLAIM = 4
+
+
+def _url_running() -> Any:
+    """Some key of this row's URL is running (so this one waits: one fetch per URL)."""
+    sibling = jobs.alias("sibling")
+    return exists().where(
+        sibling.c.url_hash == jobs.c.url_hash, sibling.c.status == Status.RUNNING.value
+    )
+
+
+def _candidates(conditions: list[Any], limit: int) -> Select:
+    return (
+        select(jobs.c.id, jobs.c.url_hash)
         .where(*conditions)
         .order_by(jobs.c.id)
-        .limit(limit)
+        .limit(limit * CANDIDATES_PER_CLAIM)
         .with_for_update(skip_locked=True)
     )
+
+
+#: what a key takes from a finished key of its URL: the vector and its facts, or the failure
+_SHARED_END = (
+    "status",
+    "finished_at",
+    "vector",
+    "vector_dim",
+    "video_duration_s",
+    "channels_count",
+    "processing_audio_time_s",
+    "model_id",
+    "embed_spec",
+    "error",
+    "error_class",
+    "http_status",
+)
+
+
+def _share_finished(
+    conn: Connection, *, source_ids: Collection[int] = (), targets: Select | None = None
+) -> int:
+    """Pending keys of a URL whose fetch ended take that end: one fetch serves them all.
+
+    `source_ids`: jobs that just ended (done or failed); their pending siblings
+    end the same way.  `targets`: pending jobs about to be claimed; those whose
+    URL is done already take its vector instead of being fetched again (a key
+    added after its URL was done).  Only keys of the same origin share: a URL an
+    API caller queued is fetched guarded, so neither its refusal nor an unguarded
+    fetch's vector may cross over.  Their own rows stay, with their own keys,
+    metadata and tries.  Returns how many keys took an end.
+    """
+    src = jobs.alias("src")
+    terms = [
+        jobs.c.status == Status.PENDING.value,
+        jobs.c.url_hash == src.c.url_hash,
+        jobs.c.id != src.c.id,
+        func.coalesce(jobs.c.origin, "") == func.coalesce(src.c.origin, ""),
+    ]
+    if targets is not None:
+        terms += [jobs.c.id.in_(targets.scalar_subquery()), src.c.status == Status.DONE.value]
+    else:
+        if not source_ids:
+            return 0
+        terms += [
+            src.c.id.in_(list(source_ids)),
+            src.c.status.in_([Status.DONE.value, Status.FAILED.value]),
+        ]
+    values: dict[str, Any] = {name: src.c[name] for name in _SHARED_END}
+    stmt = sql_update(jobs).where(*terms).values(**values, lease_expires_at=None, not_before=None)
+    return int(conn.execute(stmt).rowcount)
+
+
+def _share_backoff(conn: Connection, source_ids: Collection[int]) -> None:
+    """Pending keys of a URL put off by a transient error wait as long as it does,
+    so a sibling does not fetch the same URL again at once."""
+    if not source_ids:
+        return
+    src = jobs.alias("src")
+    stmt = (
+        sql_update(jobs)
+        .where(
+            jobs.c.status == Status.PENDING.value,
+            jobs.c.url_hash == src.c.url_hash,
+            jobs.c.id != src.c.id,
+            src.c.id.in_(list(source_ids)),
+            src.c.not_before.is_not(None),
+            jobs.c.not_before.is_(None) | (jobs.c.not_before < src.c.not_before),
+        )
+        .values(not_before=src.c.not_before)
+    )
+    conn.execute(stmt)
+
+
+def _claim_statement(
+    engine: Engine, conditions: list[Any], limit: int, worker_id: str, at: Any, lease_s: float
+) -> Any:
+    """The claim's UPDATE: the oldest due row of each URL among the candidates.
+
+    Keys of one URL are never claimed together (the unique index on running URLs
+    would refuse the statement); the others wait for its end to be shared.
+    """
+    candidates = _candidates(conditions, limit)
+    read: Any
     if engine.dialect.name == "postgresql":
         # A MATERIALIZED CTE runs exactly once; an IN (subquery) that the planner
         # chose to rescan could lock, and so claim, more than `limit` rows.
-        picked = candidates.cte("picked").prefix_with("MATERIALIZED")
+        read = candidates.cte("read").prefix_with("MATERIALIZED")
+    else:
+        read = candidates.subquery("read")
+    first_of_url = (
+        select(func.min(read.c.id).label("id"))
+        .group_by(func.coalesce(read.c.url_hash, cast(read.c.id, Text)))
+        .order_by(func.min(read.c.id))
+        .limit(limit)
+    )
+    if engine.dialect.name == "postgresql":
+        picked = first_of_url.cte("picked").prefix_with("MATERIALIZED")
         chosen = jobs.c.id == picked.c.id
     else:
-        chosen = jobs.c.id.in_(candidates.scalar_subquery())
-    stmt = (
+        chosen = jobs.c.id.in_(first_of_url.scalar_subquery())
+    return (
         sql_update(jobs)
         .where(chosen, jobs.c.status == Status.PENDING.value)
         .values(
@@ -219,9 +351,6 @@ def claim(
         )
         .returning(jobs.c.id, jobs.c.key, jobs.c.url, jobs.c.attempts, jobs.c.claims, jobs.c.origin)
     )
-    with engine.begin() as conn:
-        rows = conn.execute(stmt).all()
-    return sorted((_job(r, worker_id) for r in rows), key=lambda j: j.id)
 
 
 def start(engine: Engine, job: Job, *, now: float | None = None) -> Job:
@@ -329,6 +458,10 @@ def store_outcomes(
                 _store_one(conn, outcome, now=now)
             except JobStateError:
                 lost.append(outcome)
+        lost_ids = {id(o) for o in lost}
+        stored = [o for o in outcomes if id(o) not in lost_ids]
+        _share_finished(conn, source_ids=[o.job.id for o in stored if o.finishes_job])
+        _share_backoff(conn, [o.job.id for o in stored if o.kind == "retry" and o.failure])
     return lost
 
 
@@ -424,7 +557,8 @@ def release(
     )
     with engine.begin() as conn:
         if not refund and max_attempts is not None:
-            conn.execute(_give_up(and_(*terms, _out_of_tries(max_attempts)), clock(None)))
+            gave_up = _give_up(and_(*terms, _out_of_tries(max_attempts)), clock(None))
+            _share_finished(conn, source_ids=conn.execute(gave_up).scalars().all())
         return len(conn.execute(stmt).all())
 
 
@@ -449,6 +583,7 @@ def _give_up(where: Any, at: Any) -> Update:
             + literal(" attempts; the worker stopped (killed or crashed) during the last")
             + func.coalesce(literal("; previous error: ") + jobs.c.error, literal("")),
         )
+        .returning(jobs.c.id)
     )
 
 
@@ -481,8 +616,10 @@ def requeue_abandoned(
     gave_up = _give_up(abandoned & out_of_tries, at)
     requeue = sql_update(jobs).where(abandoned, ~out_of_tries).values(**_UNCLAIMED)
     with engine.begin() as conn:
-        failed = conn.execute(gave_up).rowcount
+        failed_ids = conn.execute(gave_up).scalars().all()
+        _share_finished(conn, source_ids=failed_ids)
         requeued = conn.execute(requeue).rowcount
+    failed = len(failed_ids)
     return requeued, failed
 
 
@@ -516,3 +653,38 @@ def requeue_failed(
     )
     with engine.begin() as conn:
         return conn.execute(stmt).rowcount
+
+
+# --- embedding specs (runner/spec.py) -------------------------------------------------
+
+
+def requeue_other_specs(conn: Connection, *, keep: str, legacy_model: str | None) -> int:
+    """`runner requeue --other-specs`: done jobs whose vector is not of spec `keep`
+    back to pending, their results cleared, with a fresh set of attempts.
+
+    Adopted vectors stay (no spec says how they were made); vectors from before
+    specs were recorded stay if they are of `legacy_model` (see runner/spec.py).
+    """
+    from runner.spec import foreign_done
+
+    stmt = (
+        sql_update(jobs)
+        .where(foreign_done(keep, legacy_model), jobs.c.url.is_not(None))
+        .values(
+            **_UNCLAIMED,
+            attempts=0,
+            not_before=None,
+            finished_at=None,
+            vector=None,
+            vector_dim=None,
+            video_duration_s=None,
+            channels_count=None,
+            processing_audio_time_s=None,
+            model_id=None,
+            embed_spec=None,
+            error=None,
+            error_class=None,
+            http_status=None,
+        )
+    )
+    return int(conn.execute(stmt).rowcount or 0)

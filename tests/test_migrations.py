@@ -109,3 +109,39 @@ def test_0003_fills_in_the_host_of_existing_rows(any_db_url: str) -> None:
     # that daemon died: the charged try counts, and with it the job is out of tries
     assert jobs.requeue_abandoned(engine, now=30.0, max_attempts=5) == (0, 1)
     engine.dispose()
+
+
+def test_0005_hashes_urls_and_keeps_one_running_key_per_url(any_db_url: str) -> None:
+    """Keys of one URL that two daemons of the previous version ran at once: all but
+    the first go back to pending (their attempts fenced out), so the unique index on
+    running URLs can be built, and every URL gets the hash the import computes."""
+    from alembic import command
+
+    from runner.db import alembic_config, migrate
+    from runner.urls import url_hash
+
+    engine = make_engine(any_db_url)
+    with engine.begin() as conn:
+        cfg = alembic_config()
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0004")
+    urls = {"a": "http://Example.COM/v.mp4", "b": "http://example.com:80/v.mp4#x", "c": None}
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO jobs (key, url, status, attempts, created_at, worker_id, claims)"
+                " VALUES (:key, :url, 'running', 1, 0, 'old:1:x:y', 1)"
+            ),
+            [{"key": key, "url": url} for key, url in urls.items()],
+        )
+    migrate(engine)
+    with engine.connect() as conn:
+        rows = {r.key: r for r in conn.execute(text("SELECT key, url_hash, status FROM jobs"))}
+    assert {key: rows[key].url_hash for key in urls} == {k: url_hash(u) for k, u in urls.items()}
+    assert rows["a"].url_hash == rows["b"].url_hash
+    assert {key: rows[key].status for key in urls} == {
+        "a": "running",
+        "b": "pending",
+        "c": "running",
+    }
+    engine.dispose()
