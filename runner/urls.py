@@ -7,8 +7,8 @@ claim can skip a host that asked us to back off) and the downloader's HostGate
 
 from __future__ import annotations
 
-import hashlib
 import re
+from hashlib import blake2b
 from urllib.parse import urlsplit
 
 
@@ -22,6 +22,9 @@ def host_of(url: str | None) -> str:
         return ""
 
 
+#: A URL `same_fetch_url` returns unchanged: lower-case http(s) scheme and host, no
+#: port, a path, no fragment, no blank.
+_NORMAL_URL = re.compile(r"https?://[a-z0-9.-]+/[^#\s]*")
 _DEFAULT_PORTS = {"http": "80", "https": "443"}
 #: The common spelling, normalised without urlsplit's cost (import runs it a million
 #: times): scheme, host of plain ASCII, optional port, the rest, optional fragment.
@@ -37,6 +40,8 @@ def same_fetch_url(url: str) -> str:
     empty path is "/", and the fragment never leaves the client.  Path, query and
     credentials are kept as written: servers may tell them apart.
     """
+    if _NORMAL_URL.fullmatch(url):  # most URLs are already spelt this way
+        return url
     url = url.strip()
     simple = _SIMPLE_URL.fullmatch(url)
     if simple:
@@ -66,4 +71,4 @@ def url_hash(url: str | None) -> str | None:
     """The `url_hash` column: 128 bits of `same_fetch_url`, as hex; None without a URL."""
     if not url:
         return None
-    return hashlib.blake2b(same_fetch_url(url).encode(), digest_size=16).hexdigest()
+    return blake2b(same_fetch_url(url).encode(), digest_size=16).hexdigest()
