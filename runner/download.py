@@ -3,17 +3,21 @@
 Bodies go to disk chunk by chunk, never whole into memory, and stop at a byte cap,
 so one huge or endless response cannot take the machine down.  Errors are
 classified: transient ones (timeouts, dropped connections, 408/425/429/5xx) are
-worth retrying, permanent ones are not.
+worth retrying, permanent ones are not.  A URL that serves an HLS playlist is
+fetched as the segments it names (runner/hls.py), every request of it through the
+same session, byte cap and rate floor (`Transfer`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import re
 import socket
 import time
 from collections import deque
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,9 +26,11 @@ import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 from yarl import URL
 
+import runner.hls as hls
 from runner.errors import (
     DownloadError,
     DownloadTimeoutError,
+    JobError,
     TransientDownloadError,
     UrlRefusedError,
 )
@@ -50,6 +56,12 @@ class DownloadLimits:
     #: Window of the rate floor, measured from the start of the body; short bursts
     #: of slowness inside it are forgiven.
     stall_window_s: float = 60.0
+    #: HLS: the largest playlist read; it is held in memory to be parsed, and 4 MiB
+    #: lists tens of thousands of segments
+    max_playlist_bytes: int = 4 << 20
+    #: HLS: most segments one media playlist may list, each a request of its own
+    #: (6 hours of 1-second segments is 21,600)
+    max_segments: int = 30_000
 
 
 @dataclass(frozen=True)
@@ -270,7 +282,9 @@ def make_session(
         connector=connector,
         middlewares=(guard.middleware,) if guard is not None else (),
         auto_decompress=False,
-        headers={"User-Agent": "runner/0.1 (audio embeddings)"},
+        # identity: bodies are written as sent (auto_decompress is off), and a CDN's
+        # gzipped HLS playlist would otherwise not read as one
+        headers={"User-Agent": "runner/0.1 (audio embeddings)", "Accept-Encoding": "identity"},
     )
 
 
@@ -312,8 +326,13 @@ class HostGate:
         self._until[host] = max(until, self._until.get(host, 0.0))
 
 
-def _check_content_type(response: aiohttp.ClientResponse) -> None:
+def _check_content_type(response: aiohttp.ClientResponse, *, sniff_text: bool = False) -> None:
+    """Refuses a response whose content type is never media; with `sniff_text`,
+    text/plain passes for now, as a misconfigured server's HLS playlist may be sent
+    so (the body decides)."""
     content_type = response.headers.get("Content-Type", "").split(";")[0].strip().lower()
+    if sniff_text and content_type == "text/plain":
+        return
     if content_type.startswith(NON_MEDIA_TYPES):
         raise DownloadError(
             f"not a media file: server sent {content_type}", http_status=response.status
@@ -415,69 +434,220 @@ async def _read_chunk(response: aiohttp.ClientResponse, floor: RateFloor, now: f
         now = loop.time()
 
 
-async def _stream_body(response: aiohttp.ClientResponse, dest: Path, limits: DownloadLimits) -> int:
-    max_bytes = limits.max_bytes
-    declared = response.content_length
-    if declared is not None and declared > max_bytes:
-        raise DownloadError(
-            f"file is {declared} bytes, over the {max_bytes}-byte cap", http_status=response.status
-        )
-    loop = asyncio.get_running_loop()
-    floor = RateFloor(limits.min_bytes_per_s, limits.stall_window_s, now=loop.time())
-    size = 0
-    with dest.open("wb") as out:
-        while chunk := await _read_chunk(response, floor, loop.time()):
-            floor.add(loop.time(), len(chunk))
-            size += len(chunk)
-            if size > max_bytes:
-                raise DownloadError(
-                    f"body exceeds the {max_bytes}-byte cap", http_status=response.status
+class Transfer:
+    """One job's download, however many requests it takes.
+
+    A whole file is one request; an HLS stream (runner/hls.py) is playlists, keys and
+    segments.  Every request goes through the one session (so the one URL guard) and
+    counts against one byte cap and one rate floor: a playlist must not be a way
+    around any of them, nor a way to fetch a thousand files each just under the cap.
+    """
+
+    def __init__(self, session: aiohttp.ClientSession, limits: DownloadLimits) -> None:
+        self.session, self.limits = session, limits
+        #: body bytes of every response so far, against `limits.max_bytes`
+        self.received_bytes = 0
+        #: requests made so far
+        self.requests = 0
+        #: the status of the current request once its server answered (failure records)
+        self.status: int | None = None
+        #: which part of the transfer is running ("HLS segment 3 of 10"), for messages;
+        #: empty for the first request, so a whole file's messages say nothing extra
+        self.part = ""
+        #: started by the first body and shared by every later request
+        self.floor: RateFloor | None = None
+
+    def cap_error(self) -> DownloadError:
+        max_bytes = self.limits.max_bytes
+        if self.requests > 1:
+            return DownloadError(
+                f"the stream exceeds the {max_bytes}-byte cap (playlists, keys and segments "
+                "together)",
+                http_status=self.status,
+            )
+        return DownloadError(f"body exceeds the {max_bytes}-byte cap", http_status=self.status)
+
+    @contextlib.asynccontextmanager
+    async def get(
+        self,
+        url: str | URL,
+        *,
+        part: str = "",
+        ok_statuses: tuple[int, ...] = (200,),
+        headers: dict[str, str] | None = None,
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
+        """GET `url` following redirects; yields the response once its status is one of
+        `ok_statuses` (others raise the classified error).
+
+        The wait for headers is bounded by the connect and read timeouts and, once a
+        body has been read, by the rate floor too: a server that answers each segment
+        of a playlist just inside the read timeout is still too slow.
+        """
+        self.part, self.status = part, None
+        self.requests += 1
+        loop = asyncio.get_running_loop()
+        if self.floor is not None and (message := self.floor.too_slow(loop.time())):
+            raise DownloadTimeoutError(message)
+        headers_by = loop.time() + self.limits.connect_timeout_s + self.limits.read_timeout_s
+        floor_by = None if self.floor is None else self.floor.deadline()
+        by_floor = floor_by is not None and floor_by < headers_by
+        # aiohttp's sock_read never fires while a server that sent a 1xx stalls
+        # (aio-libs/aiohttp#2926): bound the wait for the final headers ourselves.
+        # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel that
+        # lands with the headers, and a dropped or stopping transfer would go on.
+        timeout = asyncio.timeout_at(floor_by if by_floor and floor_by else headers_by)
+        try:
+            async with timeout:
+                response = await self.session.get(
+                    url, allow_redirects=True, max_redirects=10, headers=headers
                 )
+        except TimeoutError:
+            if by_floor and timeout.expired() and self.floor is not None:
+                message = self.floor.too_slow(loop.time()) or "too slow (see --min-bytes-per-s)"
+                raise DownloadTimeoutError(message) from None
+            raise
+        async with response:
+            self.status = response.status
+            if response.status not in ok_statuses:
+                raise _status_error(response)
+            yield response
+
+    def body(self, response: aiohttp.ClientResponse) -> Body:
+        return Body(self, response)
+
+
+class Body:
+    """The body of one response of a `Transfer`, read chunk by chunk under its cap and floor."""
+
+    def __init__(self, transfer: Transfer, response: aiohttp.ClientResponse) -> None:
+        self.transfer, self.response = transfer, response
+        self.declared = response.content_length
+        self.size_bytes = 0
+        left_bytes = transfer.limits.max_bytes - transfer.received_bytes
+        if self.declared is not None and self.declared > left_bytes:
+            max_bytes = transfer.limits.max_bytes
+            if transfer.requests > 1:
+                raise DownloadError(
+                    f"{self.declared} more bytes would pass the {max_bytes}-byte cap "
+                    "(playlists, keys and segments together)",
+                    http_status=response.status,
+                )
+            raise DownloadError(
+                f"file is {self.declared} bytes, over the {max_bytes}-byte cap",
+                http_status=response.status,
+            )
+        if transfer.floor is None:
+            limits = transfer.limits
+            now = asyncio.get_running_loop().time()
+            transfer.floor = RateFloor(limits.min_bytes_per_s, limits.stall_window_s, now=now)
+        self.floor = transfer.floor
+
+    async def read(self) -> bytes:
+        """The next chunk, b"" at the end; raises once a cap, the floor or the
+        announced length is broken."""
+        loop = asyncio.get_running_loop()
+        chunk = await _read_chunk(self.response, self.floor, loop.time())
+        if not chunk:
+            if self.declared is not None and self.size_bytes < self.declared:
+                raise TransientDownloadError(
+                    f"body ended after {self.size_bytes} of {self.declared} bytes",
+                    http_status=self.response.status,
+                )
+            return b""
+        self.floor.add(loop.time(), len(chunk))
+        self.size_bytes += len(chunk)
+        self.transfer.received_bytes += len(chunk)
+        if self.transfer.received_bytes > self.transfer.limits.max_bytes:
+            raise self.transfer.cap_error()
+        return chunk
+
+    async def head(self, n_bytes: int) -> bytes:
+        """At least the first `n_bytes` (fewer only if the body is shorter), in whole chunks."""
+        got = b""
+        while len(got) < n_bytes and (chunk := await self.read()):
+            got += chunk
+        return got
+
+    async def read_all(self, max_bytes: int, start: bytes = b"") -> bytes | None:
+        """The rest of the body after `start` (already read), or None once it passes
+        `max_bytes`: for small things held in memory (playlists, keys)."""
+        data = bytearray(start)
+        while len(data) <= max_bytes and (chunk := await self.read()):
+            data += chunk
+        return None if len(data) > max_bytes else bytes(data)
+
+
+async def _write_body(body: Body, head: bytes, dest: Path) -> int:
+    with dest.open("wb") as out:
+        out.write(head)
+        while chunk := await body.read():
             out.write(chunk)
-    if declared is not None and size < declared:
-        raise TransientDownloadError(
-            f"body ended after {size} of {declared} bytes", http_status=response.status
-        )
-    return size
+    return body.size_bytes
+
+
+async def _fetch(transfer: Transfer, url: str, dest: Path) -> int:
+    """A whole file into `dest`, or, when the URL serves an HLS playlist, its segments."""
+    async with transfer.get(url) as response:
+        declared_hls = hls.declared(response)
+        if not declared_hls:
+            _check_content_type(response, sniff_text=True)
+        body = transfer.body(response)
+        head = await body.head(hls.SNIFF_BYTES)
+        if not declared_hls and not hls.looks_like_playlist(head):
+            _check_content_type(response)
+            return await _write_body(body, head, dest)
+        text = await hls.read_playlist(body, head, transfer.limits)
+        playlist_url = response.url
+    return await hls.fetch(transfer, playlist_url, text, dest)
+
+
+def _in_context(exc: JobError, part: str) -> JobError:
+    """`exc` with the part of a multi-request transfer it happened in named first."""
+    if not part:
+        return exc
+    error = type(exc)(
+        f"{part}: {exc}", http_status=exc.http_status, retry_after_s=exc.retry_after_s
+    )
+    return error
 
 
 async def download(
     session: aiohttp.ClientSession, url: str, dest: Path, limits: DownloadLimits
 ) -> Downloaded:
-    """Fetch `url` into `dest`; on any error `dest` may be partial and the caller removes it."""
-    status: int | None = None  # once the server answered, kept on a failure record
+    """Fetch `url` into `dest` (an HLS playlist: its segments, in order, into the one
+    file); on any error `dest` may be partial and the caller removes it."""
+    transfer = Transfer(session, limits)
     try:
-        # aiohttp's sock_read never fires while a server that sent a 1xx stalls
-        # (aio-libs/aiohttp#2926): bound the wait for the final headers ourselves.
-        # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel that
-        # lands with the headers, and a dropped or stopping transfer would go on.
-        async with asyncio.timeout(limits.connect_timeout_s + limits.read_timeout_s):
-            response = await session.get(url, allow_redirects=True, max_redirects=10)
-        async with response:
-            status = response.status
-            if response.status != 200:
-                raise _status_error(response)
-            _check_content_type(response)
-            size = await _stream_body(response, dest, limits)
+        size = await _fetch(transfer, url, dest)
+    except JobError as exc:
+        raise _in_context(exc, transfer.part) from None
     except TimeoutError:
-        raise DownloadTimeoutError(
+        error: JobError = DownloadTimeoutError(
             f"timed out (connect {limits.connect_timeout_s:g} s, read {limits.read_timeout_s:g} s)",
-            http_status=status,
-        ) from None
+            http_status=transfer.status,
+        )
+        raise _in_context(error, transfer.part) from None
     except aiohttp.TooManyRedirects:
-        raise DownloadError("too many redirects") from None
+        error = DownloadError("too many redirects")
+        raise _in_context(error, transfer.part) from None
     except aiohttp.RedirectClientError as exc:
-        raise DownloadError(f"redirect to a non-http or invalid url: {exc}") from None
+        error = DownloadError(f"redirect to a non-http or invalid url: {exc}")
+        raise _in_context(error, transfer.part) from None
     except (aiohttp.InvalidURL, aiohttp.NonHttpUrlClientError) as exc:
-        raise DownloadError(f"invalid or non-http url: {exc}") from None
+        error = DownloadError(f"invalid or non-http url: {exc}")
+        raise _in_context(error, transfer.part) from None
     except aiohttp.ClientPayloadError as exc:
-        raise TransientDownloadError(f"body cut short: {exc}", http_status=status) from None
+        error = TransientDownloadError(f"body cut short: {exc}", http_status=transfer.status)
+        raise _in_context(error, transfer.part) from None
     except aiohttp.ClientConnectorError as exc:
-        raise TransientDownloadError(f"cannot connect: {exc.os_error or exc}") from None
+        error = TransientDownloadError(f"cannot connect: {exc.os_error or exc}")
+        raise _in_context(error, transfer.part) from None
     except aiohttp.ClientError as exc:
-        raise TransientDownloadError(
-            f"connection error: {type(exc).__name__}: {exc}", http_status=status
-        ) from None
+        error = TransientDownloadError(
+            f"connection error: {type(exc).__name__}: {exc}", http_status=transfer.status
+        )
+        raise _in_context(error, transfer.part) from None
     except ValueError as exc:  # e.g. the resolver's idna codec on 'a..b': one bad url, not a bug
-        raise DownloadError(f"invalid url: {exc}") from None
+        error = DownloadError(f"invalid url: {exc}")
+        raise _in_context(error, transfer.part) from None
     return Downloaded(path=dest, size_bytes=size)
