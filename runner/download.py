@@ -490,19 +490,20 @@ class Transfer:
             raise DownloadTimeoutError(message)
         headers_by = loop.time() + self.limits.connect_timeout_s + self.limits.read_timeout_s
         floor_by = None if self.floor is None else self.floor.deadline()
-        by_floor = floor_by is not None and floor_by < headers_by
+        deadline = headers_by if floor_by is None else min(floor_by, headers_by)
+        by_floor = deadline != headers_by
         # aiohttp's sock_read never fires while a server that sent a 1xx stalls
         # (aio-libs/aiohttp#2926): bound the wait for the final headers ourselves.
         # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel that
         # lands with the headers, and a dropped or stopping transfer would go on.
-        timeout = asyncio.timeout_at(floor_by if by_floor and floor_by else headers_by)
+        timeout = asyncio.timeout_at(deadline)
         try:
             async with timeout:
                 response = await self.session.get(
                     url, allow_redirects=True, max_redirects=10, headers=headers
                 )
         except TimeoutError:
-            if by_floor and timeout.expired() and self.floor is not None:
+            if by_floor and timeout.expired() and self.floor is not None:  # the floor's, not ours
                 message = self.floor.too_slow(loop.time()) or "too slow (see --min-bytes-per-s)"
                 raise DownloadTimeoutError(message) from None
             raise
