@@ -65,8 +65,8 @@ from runner.errors import (
 from runner.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from runner.models import jobs as jobs_table
 from runner.openapi import document
-from runner.progress import read_counts
 from runner.status import read_status
+from runner.web import PAGE_FILES, page_file
 
 if TYPE_CHECKING:
     from runner.protocols import DaemonHandle
@@ -76,8 +76,9 @@ log = logging.getLogger(__name__)
 DEFAULT_PORT = 8080
 #: POST /jobs: same formats as `runner import`; an array's records carry their key here
 JOBS_FORMAT = CatalogueFormat(key_field="key", url_field="url")
-#: routes that answer without a token (load balancers probe them)
-OPEN_ROUTES = frozenset({"/healthz"})
+#: routes that answer without a token: load balancers probe /healthz; the page and its
+#: script hold no data (they ask for the token and send it with their requests)
+OPEN_ROUTES = frozenset({"/healthz", *PAGE_FILES})
 
 
 @dataclass(frozen=True)
@@ -335,21 +336,65 @@ async def healthz(request: web.Request) -> web.Response:
     return _json({"ok": True, "stopping": daemon.stopping})
 
 
+@dataclass
+class _Reports:
+    """/status reports by `top`, kept for a time-to-live that grows with what one
+    costs (at most 2 % of a core spent answering), so open pages and scripts polling
+    a big database share one report instead of each costing a full read."""
+
+    budget: float = 0.02
+    min_ttl_s: float = 0.0
+    max_ttl_s: float = 15.0
+    kept: dict[int, tuple[float, dict[str, Any]]] = field(default_factory=dict)
+
+    def get(self, daemon: DaemonHandle, top: int) -> dict[str, Any]:
+        now = time.time()
+        hit = self.kept.get(top)
+        if hit is not None and now < hit[0]:
+            return hit[1]
+        started = time.perf_counter()
+        headline = daemon.headlines.get(daemon.engine)
+        report = read_status(daemon.engine, now=now, top=top, headline=headline)
+        cost_s = time.perf_counter() - started
+        ttl_s = min(self.max_ttl_s, max(self.min_ttl_s, cost_s / self.budget))
+        self.kept[top] = (now + ttl_s, report)
+        return report
+
+
+REPORTS = web.AppKey("reports", _Reports)
+
+
+def _with_daemon(report: dict[str, Any], daemon: DaemonHandle) -> dict[str, Any]:
+    """The report plus this daemon as only it knows itself, its row among the
+    database's workers marked (and added, if it holds and finished nothing)."""
+    me = daemon.describe()
+    workers = []
+    found = False
+    for worker in report.get("workers", []):
+        if worker["worker_id"] == me["worker_id"]:
+            worker = worker | {"this": True, **me}
+            found = True
+        workers.append(worker)
+    if not found:
+        workers.insert(0, {"this": True, "running": 0, "finished_1h": 0, **me})
+    return report | {"daemon": me, "workers": workers}
+
+
 @routes.get("/status")
 async def status(request: web.Request) -> web.Response:
     top_text = request.query.get("top", "5")
     if not top_text.isdigit() or int(top_text) > 1000:
         raise ApiError(400, "top: expected an integer from 0 to 1000")
-    engine = _daemon(request).engine
-    report = await _in_thread(read_status, engine, now=time.time(), top=int(top_text))
-    return _json(_finite_or_none(report))
+    daemon = _daemon(request)
+    report = await _in_thread(request.app[REPORTS].get, daemon, int(top_text))
+    return _json(_finite_or_none(_with_daemon(report, daemon)))
 
 
 @routes.get("/metrics")
 async def metrics(request: web.Request) -> web.Response:
     daemon = _daemon(request)
-    counts = await _in_thread(read_counts, daemon.engine)
-    by_state = {state.value: n for state, n in counts.items()}
+    headline = await _in_thread(daemon.headlines.get, daemon.engine)
+    by_state = {state.value: n for state, n in headline.counts.items()}
     text = daemon.metrics.render(jobs_by_state=by_state, queues=daemon.queue_depths())
     return web.Response(body=text.encode(), headers={"Content-Type": METRICS_CONTENT_TYPE})
 
@@ -600,6 +645,29 @@ async def openapi(request: web.Request) -> web.Response:
     return _json(document(secured=bool(request.app[CONFIG].token)))
 
 
+#: the page and its files: scripts from this server only, no inline code, no framing,
+#: and requests to this server only (the page talks to nothing else)
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; "
+    "img-src 'self' data:; connect-src 'self'; base-uri 'none'; form-action 'none'; "
+    "frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",
+}
+
+
+async def _page(request: web.Request) -> web.Response:
+    """The status page (runner/web/), as shipped in the package: no build step, no
+    CDN, nothing fetched from elsewhere, so it works on a machine without internet."""
+    body, content_type = page_file(request.path)
+    return web.Response(body=body, content_type=content_type, headers=PAGE_HEADERS)
+
+
+for _path in PAGE_FILES:
+    routes.get(_path)(_page)
+
+
 # --- app and server ----------------------------------------------------------------
 
 
@@ -612,6 +680,7 @@ def make_app(
     app[DAEMON] = daemon
     app[CONFIG] = config
     app[ENCODE_SLOTS] = _Slots()
+    app[REPORTS] = _Reports()
     if adhoc_session is not None:
         app[ADHOC_SESSION] = adhoc_session
     app.add_routes(routes)

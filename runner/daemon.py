@@ -36,8 +36,9 @@ from runner.dbthread import DbThread
 from runner.download import HostGate, make_session
 from runner.embed import Embedder, WindowItem, default_batch_seconds
 from runner.errors import StageFailed, Stopping
+from runner.headline import HeadlineCache
 from runner.metrics import Metrics
-from runner.progress import Progress, read_counts
+from runner.progress import Progress
 from runner.stages.claimer import Claimer
 from runner.stages.decoder import Decoded, DecoderPool
 from runner.stages.downloader import ByteBudget, Downloaded, Downloader
@@ -79,9 +80,12 @@ class Daemon:
         #: a stage died: the tries of what is held stay charged (see jobs.release)
         self.crashed = False
         self._adhoc_ids = itertools.count(-1, -1)  # never a database id
+        self.started_at = time.time()
         self.progress = Progress(
-            started=time.time(), bar_file=sys.stderr if config.progress_bar else None
+            started=self.started_at, bar_file=sys.stderr if config.progress_bar else None
         )
+        #: counts and rates shared by the bar, /metrics and /status (runner.headline)
+        self.headlines = HeadlineCache()
         self.download_q: asyncio.Queue[Attempt] = asyncio.Queue(config.downloads)
         self.decode_q: asyncio.Queue[Downloaded] = asyncio.Queue(config.prefetch_files)
         self.window_q: asyncio.Queue[WindowItem | Decoded] = asyncio.Queue(
@@ -233,7 +237,7 @@ class Daemon:
             )
             if released:
                 log.info("released %d in-flight job(s) back to pending", released)
-            await self._report_progress()
+            await self._report_progress(max_age_s=0)  # the final counts, not cached ones
             self.progress.close()
             self.db.close()
 
@@ -289,9 +293,9 @@ class Daemon:
             spare=[a.job for a in self.inflight if not a.adhoc],
         )
 
-    async def _report_progress(self) -> None:
-        counts = await self.db.call(read_counts)
-        self.progress.show(counts, now=time.time())
+    async def _report_progress(self, *, max_age_s: float | None = None) -> None:
+        headline = await self.db.call(self.headlines.get, max_age_s=max_age_s)
+        self.progress.show(headline)
 
     def _scheduler(self, loop: asyncio.AbstractEventLoop) -> AsyncIOScheduler:
         scheduler = AsyncIOScheduler(event_loop=loop)
@@ -336,6 +340,25 @@ class Daemon:
 
     def abandon_adhoc(self, reason: str) -> None:
         self.inflight.abandon_adhoc(reason)
+
+    def describe(self) -> dict[str, Any]:
+        """This daemon as /status shows it beside what the database knows: what only
+        the process knows (queues, jobs in hand, busy share, its own rate)."""
+        now = time.time()
+        rate = self.progress.rate.rate(now)
+        return {
+            "worker_id": self.worker_id,
+            "host": self.worker_id.split(":", 1)[0],
+            "model_id": self.config.model_id,
+            "claims_jobs": self.config.claim_jobs,
+            "started_at": self.started_at,
+            "uptime_s": max(0.0, now - self.started_at),
+            "in_hand": sum(1 for a in self.inflight if not a.adhoc),
+            "queues": self.queue_depths(),
+            "embed_busy_ratio": self.metrics.busy_ratio(),
+            "rate_5m": rate.as_dict(),
+            "stopping": self.stopping,
+        }
 
     def queue_depths(self) -> dict[str, int]:
         return {

@@ -40,6 +40,10 @@ def _errors(*codes: int) -> dict[str, Any]:
     return {str(code): _json(_ref("Error"), reasons[code]) for code in codes}
 
 
+_NUMBER = {"type": "number"}
+_INTEGER = {"type": "integer"}
+_NULLABLE_NUMBER = {"type": "number", "nullable": True}
+
 SCHEMAS: dict[str, Any] = {
     "Error": {
         "type": "object",
@@ -131,12 +135,134 @@ SCHEMAS: dict[str, Any] = {
             },
         },
     },
+    "Rate": {
+        "type": "object",
+        "description": "Jobs finished in a window, over the part of it that work covers "
+        "(from the earliest claim among them, if later than the window's start).",
+        "properties": {
+            "window_s": _NUMBER,
+            "covered_s": _NUMBER,
+            "finished": _INTEGER,
+            "audio_s": _NUMBER,
+            "per_s": _NUMBER,
+            "per_min": _NUMBER,
+            "audio_h_per_h": _NUMBER,
+        },
+    },
+    "Bucket": {
+        "type": "object",
+        "description": "Jobs a daemon finished in [start, end), from finished_at.",
+        "properties": {
+            "start": _NUMBER,
+            "end": _NUMBER,
+            "done": _INTEGER,
+            "failed": _INTEGER,
+            "audio_s": _NUMBER,
+            "videos_per_min": _NUMBER,
+            "audio_h_per_h": _NUMBER,
+            "failed_by_class": {"type": "object", "additionalProperties": _INTEGER},
+        },
+    },
+    "Worker": {
+        "type": "object",
+        "description": "A daemon holding jobs or finishing some in the last hour, as the "
+        "database knows it; the one answering also has the fields of `daemon`.",
+        "properties": {
+            "worker_id": {"type": "string"},
+            "host": {"type": "string"},
+            "this": {"type": "boolean"},
+            "running": _INTEGER,
+            "oldest_claimed_at": _NULLABLE_NUMBER,
+            "oldest_claim_age_s": _NULLABLE_NUMBER,
+            "lease_expires_at": _NULLABLE_NUMBER,
+            "finished_1h": _INTEGER,
+            "audio_s_1h": _NUMBER,
+            "last_finished_at": _NULLABLE_NUMBER,
+        },
+        "additionalProperties": True,
+    },
     "Status": {
         "type": "object",
-        "description": "What `runner status --json` prints: counts, rates, ETA.",
+        "description": "What `runner status --json` prints (all daemons' work, from the "
+        "database), plus `daemon`: the process answering.  Unix seconds throughout.",
+        "required": ["now", "total", "counts", "rates", "remaining", "eta_s", "top_failures"],
+        "properties": {
+            "now": _NUMBER,
+            "counts_as_of": {
+                "type": "number",
+                "description": "When the counts and rates were read (a daemon re-reads "
+                "them at most every few seconds on a big database).",
+            },
+            "total": _INTEGER,
+            "counts": {
+                "type": "object",
+                "properties": {s: _INTEGER for s in ("pending", "running", "done", "failed")},
+            },
+            "rates": {"type": "object", "additionalProperties": _ref("Rate")},
+            "remaining": _INTEGER,
+            "eta_s": {
+                "type": "number",
+                "nullable": True,
+                "description": "null: unknown, nothing finished in the last hour.",
+            },
+            "eta_basis": {"type": "string", "nullable": True},
+            "oldest_running": {"type": "object", "nullable": True},
+            "top_failures": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "error_class": {"type": "string", "nullable": True},
+                        "error": {"type": "string", "nullable": True},
+                        "count": _INTEGER,
+                        "examples": {"type": "array", "items": {"type": "string"}},
+                    },
+                },
+            },
+            "throughput": {
+                "type": "object",
+                "description": "The last hours in clock-aligned buckets; the last one ends "
+                "at `now` and its rates are over the part it covers.",
+                "properties": {
+                    "since": _NUMBER,
+                    "bucket_s": _NUMBER,
+                    "buckets": {"type": "array", "items": _ref("Bucket")},
+                    "error_classes": {"type": "array", "items": {"type": "string"}},
+                    "models": {"type": "array", "items": {"type": "object"}},
+                },
+            },
+            "workers": {"type": "array", "items": _ref("Worker")},
+            "daemon": {
+                "type": "object",
+                "description": "The daemon answering: worker_id, host, model_id, "
+                "in_hand, queues, embed_busy_ratio, rate_5m (its own), uptime_s.",
+                "additionalProperties": True,
+            },
+            "specs": {
+                "description": "The embedding specs of stored vectors, with counts.",
+            },
+        },
         "additionalProperties": True,
     },
 }
+
+
+def _page_file(summary: str, content_type: str) -> dict[str, Any]:
+    """The page and its files hold no data: they ask for the token, and send it in the
+    Authorization header of their requests to /status (never in a URL)."""
+    return {
+        "get": {
+            "summary": summary,
+            "security": [],
+            "responses": {
+                "200": {
+                    "description": "The file, from the runner package.",
+                    "content": {content_type: {"schema": {"type": "string"}}},
+                }
+            }
+            | _errors(421),
+        }
+    }
 
 
 def document(*, secured: bool) -> dict[str, Any]:
@@ -153,7 +279,7 @@ def document(*, secured: bool) -> dict[str, Any]:
         },
         "/status": {
             "get": {
-                "summary": "Counts per state, recent rates and the ETA.",
+                "summary": "Counts, rates, ETA, throughput, failures, daemons: the page's data.",
                 "parameters": [
                     {
                         "name": "top",
@@ -210,6 +336,9 @@ def document(*, secured: bool) -> dict[str, Any]:
                 | auth,
             }
         },
+        "/": _page_file("The status page (HTML): never needs a token.", "text/html"),
+        "/ui/app.js": _page_file("The status page's script.", "text/javascript"),
+        "/ui/style.css": _page_file("The status page's style sheet.", "text/css"),
         "/openapi.json": {
             "get": {
                 "summary": "This document.",

@@ -1,10 +1,12 @@
 """Live progress for a running daemon: a bar on a terminal, a log line otherwise.
 
-People run the daemon for days, so the useful numbers are "how far" (the
-database's counts, shared by every daemon) and "how fast, lately" (this daemon's
-own finished jobs over a sliding window, so a slow hour shows up and an early
-burst does not flatter the ETA forever).  The clock is always passed in, so tests
-need no sleeps.
+People run the daemon for days, so the useful numbers are "how far" and "how fast,
+lately": the same headline figures as `runner status` and the web page (counts,
+rates over the time the last 5 minutes actually cover, ETA: `runner.headline`),
+for every daemon's work, read through the daemon's shared `HeadlineCache` so that
+a million jobs are not re-counted every second.  This daemon's own rate
+(`SlidingRate`, fed by the store stage) is what the API reports for it alone.
+The clock is always passed in, so tests need no sleeps.
 """
 
 from __future__ import annotations
@@ -14,10 +16,9 @@ import logging
 from dataclasses import dataclass, field
 from typing import IO, Any
 
-from sqlalchemy import Engine
-
+from runner.headline import Headline
 from runner.jobs import Outcome, Status
-from runner.queries import count_by_status, reading
+from runner.rates import Rate, window_rate
 from runner.status import format_duration
 
 log = logging.getLogger(__name__)
@@ -25,7 +26,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class SlidingRate:
-    """Videos and audio-seconds finished per second over the last `window_s`."""
+    """Videos and audio-seconds this daemon finished over the last `window_s`."""
 
     started: float
     window_s: float = 300.0
@@ -35,16 +36,18 @@ class SlidingRate:
         if videos:
             self._events.append((now, videos, audio_s))
 
-    def per_s(self, now: float) -> tuple[float, float]:
-        """(videos/s, audio-s/s); the window is shorter while the daemon is young."""
+    def rate(self, now: float) -> Rate:
+        """Over the part of the window since the daemon started (`runner.rates`)."""
         while self._events and self._events[0][0] < now - self.window_s:
             self._events.popleft()
-        span_s = min(self.window_s, now - self.started)
-        if span_s <= 0:
-            return 0.0, 0.0
         videos = sum(e[1] for e in self._events)
         audio_s = sum(e[2] for e in self._events)
-        return videos / span_s, audio_s / span_s
+        return window_rate(videos, audio_s, window_s=self.window_s, now=now, since=self.started)
+
+    def per_s(self, now: float) -> tuple[float, float]:
+        """(videos/s, audio-s/s); the window is shorter while the daemon is young."""
+        rate = self.rate(now)
+        return rate.per_s, rate.audio_h_per_h
 
 
 def finished_by(outcomes: list[Outcome]) -> tuple[int, float]:
@@ -59,25 +62,25 @@ def finished_by(outcomes: list[Outcome]) -> tuple[int, float]:
     return videos, audio_s
 
 
-def progress_line(counts: dict[Status, int], videos_per_s: float, audio_s_per_s: float) -> str:
+def progress_line(headline: Headline) -> str:
     """'pending 30, running 4, done 10, failed 2 | 0.50 videos/s, 9.0 audio-h/h | eta 1m 08s'."""
-    return " | ".join(_progress_parts(counts, videos_per_s, audio_s_per_s))
+    return " | ".join(_progress_parts(headline))
 
 
-def _progress_parts(
-    counts: dict[Status, int], videos_per_s: float, audio_s_per_s: float
-) -> tuple[str, str]:
-    """(the counts, the speed and ETA): the bar shows them on either side of itself."""
-    states = ", ".join(f"{s.value} {counts.get(s, 0)}" for s in Status)
-    remaining = counts.get(Status.PENDING, 0) + counts.get(Status.RUNNING, 0)
-    if remaining == 0:
+def _progress_parts(headline: Headline) -> tuple[str, str]:
+    """(the counts, the speed and ETA): the bar shows them on either side of itself.
+    The speed is the ETA's basis (the last 5 minutes, else the last hour)."""
+    states = ", ".join(f"{s.value} {headline.counts.get(s, 0)}" for s in Status)
+    basis = headline.basis or next(iter(headline.rates))
+    rate = headline.rates[basis]
+    eta_s = headline.eta_s
+    if headline.remaining == 0:
         eta = "nothing left"
-    elif videos_per_s > 0:
-        eta = format_duration(remaining / videos_per_s)
+    elif eta_s is not None:
+        eta = format_duration(eta_s)
     else:
         eta = "unknown"
-    # audio-seconds per second is audio-hours per hour: the same ratio, easier to read
-    return states, f"{videos_per_s:.2f} videos/s, {audio_s_per_s:.1f} audio-h/h | eta {eta}"
+    return states, f"{rate.per_s:.2f} videos/s, {rate.audio_h_per_h:.1f} audio-h/h | eta {eta}"
 
 
 class Progress:
@@ -100,14 +103,14 @@ class Progress:
     def record(self, outcomes: list[Outcome], *, now: float) -> None:
         self.rate.add(now, *finished_by(outcomes))
 
-    def show(self, counts: dict[Status, int], *, now: float) -> str:
-        states, speed = _progress_parts(counts, *self.rate.per_s(now))
+    def show(self, headline: Headline) -> str:
+        states, speed = _progress_parts(headline)
         line = f"{states} | {speed}"
         if self._bar is None:
             log.info("progress: %s", line)
             return line
-        self._bar.total = sum(counts.values())
-        self._bar.n = counts.get(Status.DONE, 0) + counts.get(Status.FAILED, 0)
+        self._bar.total = headline.total
+        self._bar.n = headline.finished
         self._bar.set_postfix_str(speed, refresh=False)
         self._bar.set_description_str(states, refresh=False)
         self._bar.refresh()
@@ -116,9 +119,3 @@ class Progress:
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
-
-
-def read_counts(engine: Engine) -> dict[Status, int]:
-    """Counts per state from the shared database: every daemon's work, not just ours."""
-    with reading(engine) as conn:
-        return count_by_status(conn)

@@ -6,13 +6,14 @@ be read, tested and changed apart; `runner.cli` composes them.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     import aiohttp
     from sqlalchemy import Engine
 
     from runner.config import DaemonConfig
+    from runner.headline import HeadlineCache
     from runner.jobs import Result
     from runner.metrics import Metrics
 
@@ -21,6 +22,8 @@ class DaemonHandle(Protocol):
     engine: Engine
     config: DaemonConfig
     metrics: Metrics
+    #: counts and rates shared by the bar, /metrics and /status (read with a TTL)
+    headlines: HeadlineCache
     #: set by the API once it listens (tests and logs read it)
     api_url: str | None
 
@@ -41,6 +44,10 @@ class DaemonHandle(Protocol):
 
     def queue_depths(self) -> dict[str, int]:
         """Items waiting in each stage queue, for /metrics."""
+
+    def describe(self) -> dict[str, Any]:
+        """What only the process knows (worker id, model, queues, jobs in hand, embed
+        busy share, its own rate), for /status and the web page."""
 
     def abandon_adhoc(self, reason: str) -> None:
         """Answer every ad-hoc request still waiting with Stopping(reason)."""

@@ -1,102 +1,69 @@
-"""What `runner status` reports: progress, speed, ETA and why things failed.
+"""What `runner status` reports: progress, speed, ETA, throughput and why things failed.
 
 `read_status` is a pure function of the database and `now`, so tests fix the clock
-instead of sleeping.  Everything it says comes from the jobs table: the rate is the
-number of jobs that finished (done or failed) in a window ending at `now`, from
-`finished_at`.  Only jobs the daemon worked on count (they were claimed): adopted
-results and rejected catalogue records also get a `finished_at`, and a million of
-them imported at once would otherwise look like a burst of speed.
+instead of sleeping.  Everything it says comes from the jobs table, so it shows the
+work of every daemon: the headline (counts, rates over the last 5 and 60 minutes,
+ETA: `runner.headline`), a throughput chart bucketed in SQL over the last hours from
+`finished_at` (its index keeps that cheap at a million jobs: only the chart's hours
+are read), failures by error class per bucket, the most common failure messages with
+a few example keys, and the daemons holding or recently finishing jobs.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy import Engine, case, func, or_, select
+from sqlalchemy import Connection, Engine, Integer, case, cast, func, select
 
-from runner.adopt import ADOPTED
-from runner.db import READ_ONLY
+from runner.headline import WINDOWS, Headline, read_headline, worked_on
 from runner.jobs import Status
 from runner.models import jobs
-from runner.queries import count_by_status
+from runner.queries import reading
+from runner.rates import window_rate
 
-#: rate windows, label -> seconds; the ETA uses the first with any finished job
-WINDOWS = {"5m": 300.0, "60m": 3600.0}
+__all__ = ["WINDOWS", "format_duration", "format_status", "read_status", "show_status"]
+
 #: ANSI: cursor home, clear screen (for --watch on a terminal)
 CLEAR = "\x1b[H\x1b[2J"
+#: the throughput chart: this many hours, in buckets of this many seconds
+CHART_HOURS = 6.0
+CHART_BUCKET_S = 900.0
+#: example keys shown with each top failure message, found among the latest failures
+EXAMPLES = 3
+EXAMPLES_SCANNED = 2_000
 
 
-def read_status(engine: Engine, *, now: float, top: int = 5) -> dict[str, Any]:
-    """Counts, rates, ETA, the oldest running job and the top failure reasons."""
-    longest = max(WINDOWS.values())
-    by_daemon = (
-        jobs.c.status.in_([Status.DONE.value, Status.FAILED.value]),
-        jobs.c.finished_at >= now - longest,
-        jobs.c.finished_at <= now,
-        jobs.c.claimed_at.is_not(None),
-        or_(jobs.c.model_id.is_(None), jobs.c.model_id != ADOPTED),
-    )
-    recent = select(
-        *(
-            func.coalesce(func.sum(case((jobs.c.finished_at >= now - s, 1), else_=0)), 0)
-            for s in WINDOWS.values()
-        )
-    ).where(*by_daemon)
-    oldest = (
-        select(jobs.c.key, jobs.c.worker_id, jobs.c.claimed_at)
-        .where(jobs.c.status == Status.RUNNING.value, jobs.c.claimed_at.is_not(None))
-        .order_by(jobs.c.claimed_at, jobs.c.id)
-        .limit(1)
-    )
-    reasons = (
-        select(jobs.c.error_class, jobs.c.error, func.count().label("n"))
-        .where(jobs.c.status == Status.FAILED.value)
-        .group_by(jobs.c.error_class, jobs.c.error)
-        .order_by(func.count().desc(), jobs.c.error_class, jobs.c.error)
-        .limit(top)
-    )
-    with engine.connect() as conn:
-        conn = conn.execution_options(**{READ_ONLY: True})
-        with conn.begin():
-            counts = count_by_status(conn)
-            finished = [int(n) for n in conn.execute(recent).one()]
-            running = conn.execute(oldest).first()
-            failures = (
-                [
-                    {"error_class": r.error_class, "error": r.error, "count": r.n}
-                    for r in conn.execute(reasons)
-                ]
-                if top
-                else []
-            )
-    rates = {
-        label: {
-            "window_s": seconds,
-            "finished": n,
-            "per_s": n / seconds,
-            "per_min": n * 60 / seconds,
-        }
-        for (label, seconds), n in zip(WINDOWS.items(), finished, strict=True)
-    }
-    remaining = counts[Status.PENDING] + counts[Status.RUNNING]
-    basis = next((label for label, r in rates.items() if r["finished"]), None)
-    if remaining == 0:
-        eta_s: float | None = 0.0
-    elif basis is None:
-        eta_s = None
-    else:
-        eta_s = remaining / rates[basis]["per_s"]
+def read_status(
+    engine: Engine,
+    *,
+    now: float,
+    top: int = 5,
+    headline: Headline | None = None,
+    chart_hours: float = CHART_HOURS,
+    bucket_s: float = CHART_BUCKET_S,
+) -> dict[str, Any]:
+    """The whole report, JSON-ready.  `headline`: figures already read (the daemon's
+    shared cache), so the counts are not taken again; its `now` is when they were."""
+    with reading(engine) as conn, conn.begin():
+        if headline is None:
+            headline = read_headline(conn, now=now)
+        running = _oldest_running(conn)
+        failures = _top_failures(conn, top) if top else []
+        chart = _throughput(conn, now=now, hours=chart_hours, bucket_s=bucket_s)
+        workers = _workers(conn, now=now)
     return {
         "now": now,
-        "total": sum(counts.values()),
-        "counts": {s.value: n for s, n in counts.items()},
-        "rates": rates,
-        "remaining": remaining,
-        "eta_s": eta_s,
-        "eta_basis": basis if remaining else None,
+        "counts_as_of": headline.now,
+        "total": headline.total,
+        "counts": {s.value: n for s, n in headline.counts.items()},
+        "rates": {label: rate.as_dict() for label, rate in headline.rates.items()},
+        "remaining": headline.remaining,
+        "eta_s": headline.eta_s,
+        "eta_basis": headline.basis,
         "oldest_running": None
         if running is None
         else {
@@ -106,7 +73,199 @@ def read_status(engine: Engine, *, now: float, top: int = 5) -> dict[str, Any]:
             "age_s": max(0.0, now - running.claimed_at),
         },
         "top_failures": failures,
+        "throughput": chart,
+        "workers": workers,
     }
+
+
+def _oldest_running(conn: Connection) -> Any:
+    stmt = (
+        select(jobs.c.key, jobs.c.worker_id, jobs.c.claimed_at)
+        .where(jobs.c.status == Status.RUNNING.value, jobs.c.claimed_at.is_not(None))
+        .order_by(jobs.c.claimed_at, jobs.c.id)
+        .limit(1)
+    )
+    return conn.execute(stmt).first()
+
+
+def _top_failures(conn: Connection, top: int) -> list[dict[str, Any]]:
+    """The `top` most common (error class, message) pairs, each with a few keys: the
+    latest failures' (one backward walk of the status index), or for a reason none of
+    them has, the first found."""
+    reasons = (
+        select(jobs.c.error_class, jobs.c.error, func.count().label("n"))
+        .where(jobs.c.status == Status.FAILED.value)
+        .group_by(jobs.c.error_class, jobs.c.error)
+        .order_by(func.count().desc(), jobs.c.error_class, jobs.c.error)
+        .limit(top)
+    )
+    failures = [
+        {"error_class": r.error_class, "error": r.error, "count": r.n, "examples": []}
+        for r in conn.execute(reasons).all()
+    ]
+    if not failures:
+        return failures
+    by_reason = {(f["error_class"], f["error"]): f["examples"] for f in failures}
+    latest = (
+        select(jobs.c.key, jobs.c.error_class, jobs.c.error)
+        .where(jobs.c.status == Status.FAILED.value)
+        .order_by(jobs.c.id.desc())
+        .limit(EXAMPLES_SCANNED)
+    )
+    for row in conn.execute(latest):
+        keys = by_reason.get((row.error_class, row.error))
+        if keys is not None and len(keys) < EXAMPLES:
+            keys.append(row.key)
+    for f in failures:
+        if not f["examples"]:
+            stmt = (
+                select(jobs.c.key)
+                .where(
+                    jobs.c.status == Status.FAILED.value,
+                    jobs.c.error_class.is_(None)
+                    if f["error_class"] is None
+                    else jobs.c.error_class == f["error_class"],
+                    jobs.c.error.is_(None) if f["error"] is None else jobs.c.error == f["error"],
+                )
+                .order_by(jobs.c.id.desc())
+                .limit(EXAMPLES)
+            )
+            f["examples"] = list(conn.execute(stmt).scalars())
+    return failures
+
+
+def _bucket_of(conn: Connection, start: float, bucket_s: float) -> Any:
+    """The bucket number of `finished_at` (>= start), computed by the database."""
+    offset = (jobs.c.finished_at - start) / bucket_s
+    if conn.dialect.name == "sqlite":  # CAST truncates, and the offset is never negative
+        return cast(offset, Integer)
+    return cast(func.floor(offset), Integer)  # PostgreSQL's CAST rounds
+
+
+def _throughput(conn: Connection, *, now: float, hours: float, bucket_s: float) -> dict[str, Any]:
+    """Finished jobs per bucket of `bucket_s` over the last `hours`, buckets aligned to
+    the clock (the last one ends at `now`, so its rate is over the part it covers):
+    done and failed videos, audio-seconds, failures by error class, and the models of
+    the jobs done in the last hour."""
+    n_buckets = max(1, math.ceil(hours * 3600 / bucket_s))
+    first = (math.floor(now / bucket_s) - (n_buckets - 1)) * bucket_s
+    bucket = _bucket_of(conn, first, bucket_s).label("b")
+    done = jobs.c.status == Status.DONE.value
+    # three small queries rather than one GROUP BY over every column: each groups
+    # little (buckets; failed rows; the last hour), which is what keeps it cheap
+    per_bucket = (
+        select(
+            bucket,
+            func.sum(case((done, 1), else_=0)).label("done"),
+            func.sum(case((done, 0), else_=1)).label("failed"),
+            func.coalesce(func.sum(case((done, jobs.c.video_duration_s), else_=0.0)), 0.0).label(
+                "audio_s"
+            ),
+        )
+        .where(*worked_on(now, first))
+        .group_by(bucket)
+    )
+    failed_by_class = (
+        select(bucket, jobs.c.error_class, func.count().label("n"))
+        .where(*worked_on(now, first), jobs.c.status == Status.FAILED.value)
+        .group_by(bucket, jobs.c.error_class)
+    )
+    recent_models = (
+        select(jobs.c.model_id, func.count().label("n"))
+        .where(*worked_on(now, max(first, now - WINDOWS["60m"])), done)
+        .group_by(jobs.c.model_id)
+    )
+    buckets: list[dict[str, Any]] = []
+    for i in range(n_buckets):
+        start = first + i * bucket_s
+        buckets.append(
+            {"start": start, "end": min(start + bucket_s, now), "done": 0, "failed": 0}
+            | {"audio_s": 0.0, "failed_by_class": {}}
+        )
+    for row in conn.execute(per_bucket):
+        if 0 <= row.b < n_buckets:
+            b = buckets[row.b]
+            b["done"], b["failed"], b["audio_s"] = (
+                int(row.done),
+                int(row.failed),
+                float(row.audio_s),
+            )
+    for row in conn.execute(failed_by_class):
+        if 0 <= row.b < n_buckets:
+            classes = buckets[row.b]["failed_by_class"]
+            cls = row.error_class or "unknown"
+            classes[cls] = classes.get(cls, 0) + row.n
+    models = {
+        row.model_id: row.n for row in conn.execute(recent_models) if row.model_id is not None
+    }
+    for b in buckets:
+        rate = window_rate(
+            b["done"] + b["failed"], b["audio_s"], window_s=bucket_s, now=b["end"], since=b["start"]
+        )
+        b["videos_per_min"] = rate.per_min
+        b["audio_h_per_h"] = rate.audio_h_per_h
+    classes = sorted({c for b in buckets for c in b["failed_by_class"]})
+    return {
+        "since": first,
+        "bucket_s": bucket_s,
+        "buckets": buckets,
+        "error_classes": classes,
+        "models": [{"model_id": m, "done": n} for m, n in sorted(models.items())],
+    }
+
+
+def _workers(conn: Connection, *, now: float) -> list[dict[str, Any]]:
+    """Every daemon that holds jobs or finished one in the last hour, as the database
+    knows it: the jobs it holds, its oldest claim and earliest-expiring lease, and
+    what it finished in the last hour.  Worker ids read host:pid:...; the host is shown."""
+    held = (
+        select(
+            jobs.c.worker_id,
+            func.count().label("n"),
+            func.min(jobs.c.claimed_at).label("oldest"),
+            func.min(jobs.c.lease_expires_at).label("lease"),
+        )
+        .where(jobs.c.status == Status.RUNNING.value, jobs.c.worker_id.is_not(None))
+        .group_by(jobs.c.worker_id)
+    )
+    hour = WINDOWS["60m"]
+    recent = (
+        select(
+            jobs.c.worker_id,
+            func.count().label("n"),
+            func.coalesce(func.sum(jobs.c.video_duration_s), 0.0).label("audio_s"),
+            func.max(jobs.c.finished_at).label("last"),
+        )
+        .where(*worked_on(now, now - hour), jobs.c.worker_id.is_not(None))
+        .group_by(jobs.c.worker_id)
+    )
+    workers: dict[str, dict[str, Any]] = {}
+
+    def row_for(worker_id: str) -> dict[str, Any]:
+        return workers.setdefault(
+            worker_id,
+            {
+                "worker_id": worker_id,
+                "host": worker_id.split(":", 1)[0],
+                "running": 0,
+                "oldest_claimed_at": None,
+                "oldest_claim_age_s": None,
+                "lease_expires_at": None,
+                "finished_1h": 0,
+                "audio_s_1h": 0.0,
+                "last_finished_at": None,
+            },
+        )
+
+    for r in conn.execute(held):
+        w = row_for(r.worker_id)
+        w["running"], w["oldest_claimed_at"], w["lease_expires_at"] = r.n, r.oldest, r.lease
+        if r.oldest is not None:
+            w["oldest_claim_age_s"] = max(0.0, now - r.oldest)
+    for r in conn.execute(recent):
+        w = row_for(r.worker_id)
+        w["finished_1h"], w["audio_s_1h"], w["last_finished_at"] = r.n, float(r.audio_s), r.last
+    return sorted(workers.values(), key=lambda w: (w["host"], w["worker_id"]))
 
 
 def format_duration(seconds: float) -> str:
@@ -126,13 +285,7 @@ def format_status(report: dict[str, Any]) -> str:
     lines = [f"total {report['total']}: " + ", ".join(f"{s} {n}" for s, n in counts.items())]
     rates = report.get("rates")
     if rates:
-        lines.append(
-            "finished: "
-            + "; ".join(
-                f"{r['finished']} in the last {label} ({r['per_min']:.2f}/min, {r['per_s']:.3f}/s)"
-                for label, r in rates.items()
-            )
-        )
+        lines.append("finished: " + "; ".join(_rate_text(label, r) for label, r in rates.items()))
         remaining = report["remaining"]
         if remaining == 0:
             lines.append("eta: nothing left to do")
@@ -151,10 +304,22 @@ def format_status(report: dict[str, Any]) -> str:
         )
     if report["top_failures"]:
         lines.append("top failure reasons:")
-        lines += [
-            f"  {f['count']:>8}  [{f['error_class']}] {f['error']}" for f in report["top_failures"]
-        ]
+        for f in report["top_failures"]:
+            lines.append(f"  {f['count']:>8}  [{f['error_class']}] {f['error']}")
+            if f.get("examples"):
+                lines.append(f"            e.g. {', '.join(f['examples'])}")
     return "\n".join(lines)
+
+
+def _rate_text(label: str, rate: dict[str, Any]) -> str:
+    """'3 in the last 5m (0.60/min, 0.010/s)'; a window the work covers only part
+    of says so: '3 in the last 5m (over 40s: 4.50/min, 0.075/s)'."""
+    over = ""
+    covered_s = rate.get("covered_s", rate["window_s"])
+    if covered_s is not None and covered_s < rate["window_s"]:
+        over = f"over {format_duration(covered_s)}: "
+    speed = f"{rate['per_min']:.2f}/min, {rate['per_s']:.3f}/s"
+    return f"{rate['finished']} in the last {label} ({over}{speed})"
 
 
 def show_status(

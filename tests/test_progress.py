@@ -9,12 +9,26 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from runner.headline import Headline
 from runner.jobs import Failure, Job, Outcome, Result, Status
 from runner.progress import Progress, SlidingRate, finished_by, progress_line
+from runner.rates import window_rate
 from tests.argv import daemon_args
 from tests.conftest import Cli, MediaServer, write_catalogue
 
 COUNTS = {Status.PENDING: 30, Status.RUNNING: 4, Status.DONE: 10, Status.FAILED: 2}
+
+
+def headline(
+    counts: dict[Status, int], finished: int, audio_s: float, covered_s: float
+) -> Headline:
+    """Figures as `runner.headline` reads them: `finished` in the 5 minutes' first
+    `covered_s` seconds, the same in the hour."""
+    rates = {
+        label: window_rate(finished, audio_s, window_s=w, now=1000.0, since=1000.0 - covered_s)
+        for label, w in (("5m", 300.0), ("60m", 3600.0))
+    }
+    return Headline(now=1000.0, counts={s: counts.get(s, 0) for s in Status}, rates=rates)
 
 
 def job(job_id: int) -> Job:
@@ -48,19 +62,18 @@ def test_retries_do_not_count_as_finished() -> None:
 
 
 def test_line_has_counts_rates_and_eta() -> None:
-    line = progress_line(COUNTS, videos_per_s=0.5, audio_s_per_s=9.0)
+    line = progress_line(headline(COUNTS, 50, 900.0, 100.0))
     assert line == (
         "pending 30, running 4, done 10, failed 2 | 0.50 videos/s, 9.0 audio-h/h | eta 1m 08s"
     )
-    assert progress_line(COUNTS, 0.0, 0.0).endswith("eta unknown")
-    assert progress_line({Status.DONE: 3}, 0.0, 0.0).endswith("eta nothing left")
+    assert progress_line(headline(COUNTS, 0, 0.0, 300.0)).endswith("eta unknown")
+    assert progress_line(headline({Status.DONE: 3}, 0, 0.0, 300.0)).endswith("eta nothing left")
 
 
 def test_bar_shows_finished_out_of_total() -> None:
     out = io.StringIO()
     progress = Progress(started=0.0, window_s=100.0, bar_file=out)
-    progress.record([done(1, 60.0), done(2, 40.0)], now=10.0)
-    line = progress.show(COUNTS, now=20.0)
+    line = progress.show(headline(COUNTS, 20, 1000.0, 200.0))
     progress.close()
     assert "0.10 videos/s, 5.0 audio-h/h" in line
     text = out.getvalue()
@@ -68,11 +81,18 @@ def test_bar_shows_finished_out_of_total() -> None:
     assert "pending 30, running 4, done 10, failed 2" in text
 
 
+def test_own_rate_feeds_from_outcomes() -> None:
+    progress = Progress(started=0.0, window_s=100.0)
+    progress.record([done(1, 60.0), done(2, 40.0)], now=10.0)
+    assert progress.rate.per_s(20.0) == pytest.approx((2 / 20, 100 / 20))
+
+
 def test_without_a_bar_it_logs(caplog: pytest.LogCaptureFixture) -> None:
     progress = Progress(started=0.0)
+    figures = headline(COUNTS, 0, 0.0, 300.0)
     with caplog.at_level(logging.INFO, logger="runner.progress"):
-        progress.show(COUNTS, now=1.0)
-    assert caplog.messages == ["progress: " + progress_line(COUNTS, 0.0, 0.0)]
+        progress.show(figures)
+    assert caplog.messages == ["progress: " + progress_line(figures)]
 
 
 def test_daemon_logs_progress_periodically(

@@ -14,6 +14,7 @@ from sqlalchemy import Engine
 
 from runner.adopt import import_results
 from runner.db import connect
+from runner.jobs import Status
 from runner.status import format_duration, format_status, read_status, show_status
 from tests.conftest import Cli, write_catalogue
 from tests.test_export_formats import add_jobs, finish
@@ -47,28 +48,36 @@ def test_status_at_a_fixed_now(engine: Engine) -> None:
     assert report["counts"] == {"pending": 11, "running": 1, "done": 6, "failed": 2}
     five, sixty = report["rates"]["5m"], report["rates"]["60m"]
     assert (five["finished"], sixty["finished"]) == (3, 6)
-    assert five["per_min"] == pytest.approx(3 / 5)
-    assert five["per_s"] == pytest.approx(3 / 300)
-    assert sixty["per_min"] == pytest.approx(6 / 60)
+    # each rate is over the time its window covers: work began with the claims of
+    # k04/k05 240 s ago (5m) and of k01-k03 1800 s ago (60m)
+    assert (five["covered_s"], sixty["covered_s"]) == (240.0, 1800.0)
+    assert five["per_min"] == pytest.approx(3 / 4)
+    assert five["per_s"] == pytest.approx(3 / 240)
+    assert sixty["per_min"] == pytest.approx(6 / 30)
+    assert five["audio_s"] == 4.0 and five["audio_h_per_h"] == pytest.approx(4 / 240)
     assert report["remaining"] == 12
     assert report["eta_basis"] == "5m"
-    assert report["eta_s"] == pytest.approx(12 / (3 / 300))  # 1200 s
+    assert report["eta_s"] == pytest.approx(12 / (3 / 240))  # 960 s
     assert report["oldest_running"] == {
         "key": "k07",
         "worker_id": "test-worker",
         "claimed_at": NOW - 700,
         "age_s": 700.0,
     }
-    assert report["top_failures"] == [{"error_class": "download", "error": "HTTP 404", "count": 2}]
+    assert report["top_failures"] == [
+        {"error_class": "download", "error": "HTTP 404", "count": 2, "examples": ["k05", "k03"]}
+    ]
     json.dumps(report)  # JSON-ready as it is
 
     assert format_status(report).splitlines() == [
         "total 20: pending 11, running 1, done 6, failed 2",
-        "finished: 3 in the last 5m (0.60/min, 0.010/s); 6 in the last 60m (0.10/min, 0.002/s)",
-        "eta: 20m 00s for 12 left (at the last 5m rate)",
+        "finished: 3 in the last 5m (over 4m 00s: 0.75/min, 0.013/s); "
+        "6 in the last 60m (over 30m 00s: 0.20/min, 0.003/s)",
+        "eta: 16m 00s for 12 left (at the last 5m rate)",
         "oldest running: k07 for 11m 40s (worker test-worker)",
         "top failure reasons:",
         "         2  [download] HTTP 404",
+        "            e.g. k05, k03",
     ]
 
 
@@ -80,7 +89,9 @@ def test_eta_falls_back_to_the_hour_then_to_unknown(engine: Engine) -> None:
     assert much_later["rates"]["5m"]["finished"] == 0
     assert much_later["rates"]["60m"]["finished"] == 4  # k04, k05, k06, k08
     assert much_later["eta_basis"] == "60m"
-    assert much_later["eta_s"] == pytest.approx(12 / (4 / 3600))
+    # the hour covers the 2,240 s since k04 and k05 were claimed
+    assert much_later["rates"]["60m"]["covered_s"] == 2240.0
+    assert much_later["eta_s"] == pytest.approx(12 / (4 / 2240))
     idle = read_status(engine, now=NOW + 100_000)
     assert idle["eta_s"] is None
     assert "eta: unknown (12 left, nothing finished in the last hour)" in format_status(idle)
@@ -194,3 +205,111 @@ def test_cli_status(cli: Cli, tmp_path: Path) -> None:
 )
 def test_format_duration(seconds: float, text: str) -> None:
     assert format_duration(seconds) == text
+
+
+# --- rates over the time a window covers, one function for every view -------------------
+
+
+def test_thirty_seconds_into_a_run_every_view_gives_the_same_eta(engine: Engine) -> None:
+    """The issue's case: 30 s into a run the bar said 16 s and `runner status` 2 m 23 s,
+    because one divided 30 s of work by 5 minutes.  Now the rate is over the 30 s the
+    window covers, and the bar, the text, the JSON and the daemon's own rate agree."""
+    from runner.headline import read_headline_now
+    from runner.progress import SlidingRate, progress_line
+
+    add_jobs(engine, [f"r{i:03d}" for i in range(100)], now=NOW - 1_000)
+    finish(engine, {f"r{i:03d}": VEC for i in range(10)}, now=NOW - 5, claimed_at=NOW - 30)
+    report = read_status(engine, now=NOW)
+    five = report["rates"]["5m"]
+    assert five["covered_s"] == 30.0 and five["per_s"] == pytest.approx(10 / 30)
+    assert report["rates"]["60m"]["per_s"] == pytest.approx(10 / 30)
+    assert report["eta_s"] == pytest.approx(90 / (10 / 30))  # 270 s, not 2,700
+    assert "eta: 4m 30s for 90 left" in format_status(report)
+    assert "10 in the last 5m (over 30s: 20.00/min, 0.333/s)" in format_status(report)
+
+    headline = read_headline_now(engine, now=NOW)
+    assert headline.eta_s == report["eta_s"]
+    assert progress_line(headline).endswith("0.33 videos/s, 0.7 audio-h/h | eta 4m 30s")
+
+    own = SlidingRate(started=NOW - 30, window_s=300.0)
+    own.add(NOW - 5, 10, 20.0)
+    assert own.rate(NOW).per_s == pytest.approx(five["per_s"])
+
+
+def test_headline_cache_rereads_after_a_ttl_that_grows_with_the_cost(engine: Engine) -> None:
+    from runner.headline import HeadlineCache
+
+    add_jobs(engine, ["a", "b"], now=NOW - 100)
+    clock = [NOW]
+    cost = [0.002]  # each read "takes" this long by the fake timer
+    ticks = iter(range(10_000))
+
+    def timer() -> float:
+        # two calls per read: before and after; the difference is cost[0]
+        return cost[0] * (next(ticks) % 2)
+
+    cache = HeadlineCache(
+        budget=0.01, min_ttl_s=1.0, max_ttl_s=30.0, clock=lambda: clock[0], timer=timer
+    )
+    first = cache.get(engine)
+    assert first.counts[Status.PENDING] == 2 and cache.reads == 1 and cache.ttl_s == 1.0
+    assert HeadlineCache().min_ttl_s == 0.0  # by default a small database is never stale
+    add_jobs(engine, ["c"], now=NOW)
+    clock[0] = NOW + 0.5
+    assert cache.get(engine) is first and cache.reads == 1  # within the TTL: not counted again
+    assert cache.get(engine, max_age_s=0).counts[Status.PENDING] == 3  # forced
+    cost[0] = 0.1  # a big table: 0.1 s a read -> 10 s between reads at a 1 % budget
+    clock[0] = NOW + 2
+    cache.get(engine)
+    assert cache.ttl_s == pytest.approx(10.0) and cache.reads == 3
+    clock[0] = NOW + 11
+    assert cache.get(engine).now == NOW + 2
+    clock[0] = NOW + 12.5
+    assert cache.get(engine).now == NOW + 12.5 and cache.reads == 4
+    cost[0] = 5.0
+    clock[0] = NOW + 100
+    cache.get(engine)
+    assert cache.ttl_s == 30.0  # bounded
+
+
+# --- the throughput chart and the daemons, on SQLite and PostgreSQL ----------------------
+
+
+def test_throughput_buckets_failures_and_workers(any_db_url: str) -> None:
+    from runner import jobs as jobs_module
+    from runner.db import connect as connect_db
+
+    engine = connect_db(any_db_url)
+    try:
+        hour = 3600.0
+        now = 1_000_000 * hour + 1_000.0  # 1,000 s into a clock hour
+        add_jobs(engine, [f"j{i:02d}" for i in range(12)], now=now - 10 * hour)
+        # 2 done in the current (partial) bucket, 1 done + 2 failed an hour ago, 1 done
+        # seven hours ago (outside the chart), 1 left running
+        finish(engine, {"j00": VEC}, now=now - 7 * hour)
+        finish(engine, {"j01": VEC}, {"j02": "HTTP 404", "j03": "HTTP 404"}, now=now - hour)
+        finish(engine, {"j04": VEC, "j05": VEC}, now=now - 100, claimed_at=now - 400)
+        finish(engine, {}, now=now - 50, keep_running=("j06",))
+        report = read_status(engine, now=now, chart_hours=2, bucket_s=hour)
+        chart = report["throughput"]
+        assert chart["bucket_s"] == hour and chart["since"] == now - 1_000 - hour
+        first, last = chart["buckets"]
+        assert (first["done"], first["failed"]) == (1, 2)
+        assert first["failed_by_class"] == {"download": 2}
+        assert first["videos_per_min"] == pytest.approx(3 / 60)
+        assert (last["done"], last["failed"], last["audio_s"]) == (2, 0, 4.0)
+        assert last["end"] == now
+        # the current bucket is 1,000 s old: its rate is over those, not an hour
+        assert last["videos_per_min"] == pytest.approx(2 / 1_000 * 60)
+        assert last["audio_h_per_h"] == pytest.approx(4.0 / 1_000)
+        assert chart["error_classes"] == ["download"]
+        assert chart["models"] == [{"model_id": "tiny", "done": 3}]
+        (worker,) = report["workers"]
+        assert worker["worker_id"] == "test-worker" and worker["host"] == "test-worker"
+        assert worker["running"] == 1 and worker["oldest_claim_age_s"] == 50.0
+        assert worker["lease_expires_at"] is not None
+        assert worker["finished_1h"] == 5 and worker["last_finished_at"] == now - 100
+        json.dumps(report)
+        assert jobs_module.Status.RUNNING.value in report["counts"]
+    finally:
+        engine.dispose()

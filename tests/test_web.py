@@ -1,0 +1,245 @@
+"""The status page (GET /): served from the package, rendered by a real headless
+Chromium against `runner serve` on a real SQLite file, its numbers checked against
+/status, and the token flow (asked once, kept for the tab, never in a URL)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import tomllib
+from collections.abc import Iterator
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from runner.api import ApiConfig
+from runner.db import connect
+from runner.status import format_duration
+from runner.web import PAGE_FILES
+from tests.api_server import ApiServer, daemon_config, request, run_api_server
+from tests.chromium import open_page
+from tests.test_export_formats import add_jobs, finish
+
+REPO = Path(__file__).resolve().parent.parent
+TOKEN = "page-token-3f9c1e"
+VEC = np.ones(4, dtype=np.float32)
+
+
+# --- the files and the routes ----------------------------------------------------------
+
+
+def test_page_files_ship_in_the_package() -> None:
+    """importlib.resources finds them (as it would in a wheel), and pyproject's
+    package-data names every file of runner/web that is not Python."""
+    files = {name for name, _ in PAGE_FILES.values()}
+    web = resources.files("runner.web")
+    for name in files:
+        assert web.joinpath(name).read_bytes(), name
+    on_disk = {p.name for p in (REPO / "runner" / "web").iterdir() if p.suffix != ".py"}
+    on_disk.discard("__pycache__")
+    assert on_disk == files
+    patterns = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "package-data"
+    ]["runner.web"]
+    assert {f".{name.rsplit('.', 1)[1]}" for name in files} <= {p.lstrip("*") for p in patterns}
+
+
+@pytest.fixture(scope="module")
+def plain_api(
+    tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, embedder: object
+) -> Iterator[ApiServer]:
+    """A daemon that claims nothing, its API behind a token."""
+    root = tmp_path_factory.mktemp("web")
+    db_url = f"sqlite:///{root / 'runner.db'}"
+    config = daemon_config(tiny_model, root / "work", claim_jobs=False)
+    with run_api_server(db_url, config, embedder, ApiConfig(port=0, token=TOKEN)) as srv:
+        yield srv
+
+
+def test_page_is_open_and_the_data_is_not(plain_api: ApiServer) -> None:
+    page = plain_api("GET", "/", token=None)
+    assert page.status == 200 and page.headers["Content-Type"].startswith("text/html")
+    csp = page.headers["Content-Security-Policy"]
+    assert "script-src 'self'" in csp and "form-action 'none'" in csp and "unsafe" not in csp
+    html = page.body.decode()
+    assert '<script src="/ui/app.js" defer></script>' in html
+    assert "http://" not in html and "https://" not in html  # nothing from elsewhere
+    for path, (_, content_type) in PAGE_FILES.items():
+        reply = plain_api("GET", path, token=None)
+        assert reply.status == 200 and reply.headers["Content-Type"].startswith(content_type)
+    script = plain_api("GET", "/ui/app.js", token=None).body.decode()
+    assert "sessionStorage" in script and "Authorization" in script
+    assert "localStorage" not in script and "?token" not in script
+    assert plain_api("GET", "/status", token=None).status == 401
+
+
+def test_status_has_what_the_page_needs(plain_api: ApiServer) -> None:
+    report = plain_api("GET", "/status", token=TOKEN).json()
+    me = report["daemon"]
+    assert me["model_id"] == plain_api.daemon.config.model_id and me["claims_jobs"] is False
+    assert set(me["queues"]) == {"download", "decode", "window", "store", "inflight"}
+    assert 0 <= me["embed_busy_ratio"] <= 1
+    (row,) = [w for w in report["workers"] if w.get("this")]
+    assert row["worker_id"] == plain_api.daemon.worker_id == me["worker_id"]
+    assert len(report["throughput"]["buckets"]) == 24
+    assert set(report["rates"]["5m"]) >= {"covered_s", "audio_h_per_h", "per_min"}
+    doc = plain_api("GET", "/openapi.json", token=TOKEN).json()
+    status_schema = doc["components"]["schemas"]["Status"]["properties"]
+    assert {"throughput", "workers", "daemon", "specs", "top_failures"} <= set(status_schema)
+    assert doc["paths"]["/"]["get"]["security"] == []
+
+
+# --- the page in a real browser -------------------------------------------------------
+
+
+def _fill(db_url: str) -> None:
+    """30 jobs: 8 done 10 minutes ago, 3 failed 5 minutes ago, 2 running, 17 pending."""
+    engine = connect(db_url)
+    try:
+        now = time.time()
+        add_jobs(engine, [f"k{i:02d}" for i in range(30)], now=now - 3600)
+        finish(engine, {f"k{i:02d}": VEC for i in range(8)}, now=now - 600, claimed_at=now - 900)
+        finish(engine, {}, {f"k{i:02d}": "HTTP 404" for i in range(8, 11)}, now=now - 300)
+        finish(engine, {}, now=now - 60, keep_running=("k11", "k12"))
+    finally:
+        engine.dispose()
+
+
+def _start_serve(args: list[str], cwd: Path, env: dict[str, str]) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "runner.cli", *args],
+        cwd=cwd,
+        env=env,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+    )
+    assert proc.stderr is not None
+    found: list[str] = []
+    log: list[str] = []
+    ready = threading.Event()
+
+    def read() -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            log.append(line)
+            match = re.search(r"HTTP API listening on (\S+)", line)
+            if match:
+                found.append(match.group(1))
+                ready.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    if not ready.wait(120):
+        proc.kill()
+        pytest.fail("no 'listening' line: " + "".join(log))
+    return proc, found[0]
+
+
+PAGE_NUMBERS = """JSON.stringify({
+  counts: Object.fromEntries([...document.querySelectorAll('#counts tbody tr')]
+    .map(r => [r.dataset.state, Number(r.querySelector('td').dataset.value)])),
+  progress: document.getElementById('progress-text').textContent,
+  eta: document.getElementById('eta').textContent,
+  etaS: document.getElementById('eta').dataset.etaS,
+  failures: [...document.querySelectorAll('#top-failures tbody tr')]
+    .map(r => [...r.cells].map(c => c.textContent)),
+  workers: [...document.querySelectorAll('#workers tbody tr')]
+    .map(r => [r.dataset.worker, Number(r.cells[2].dataset.value)]),
+  doneInChart: [...document.querySelectorAll('#throughput tbody tr')]
+    .reduce((n, r) => n + Number(r.cells[1].dataset.value), 0),
+  classes: [...document.querySelectorAll('#failures-by-class tbody tr')]
+    .map(r => [r.dataset.class, Number(r.cells[1].dataset.value)]),
+  charts: document.querySelectorAll('svg[role=img]').length,
+  spec: document.getElementById('spec').textContent,
+})"""
+
+
+def test_page_in_a_headless_browser_matches_status(
+    tmp_path: Path, tiny_model: Path, cli: object
+) -> None:
+    db_url = f"sqlite:///{tmp_path / 'runner.db'}"
+    _fill(db_url)
+    env = {k: v for k, v in os.environ.items() if k != "RUNNER_API_TOKEN"}
+    env |= {"RUNNER_DB": db_url, "PYTHONPATH": str(REPO), "RUNNER_API_TOKEN": TOKEN}
+    args = ["serve", "--http", "127.0.0.1:0", "--model", str(tiny_model), "--device", "cpu"]
+    proc, base = _start_serve([*args, "--workdir", str(tmp_path / "w")], tmp_path, env)
+    try:
+        asyncio.run(_browse(base))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+        assert proc.stderr is not None
+        proc.stderr.close()
+
+
+async def _browse(base: str) -> None:
+    async with open_page() as page:
+        # no token yet: the page asks for it, once
+        await page.goto(base + "/")
+        await page.wait_for("document.body.dataset.state === 'token'")
+        await page.evaluate(
+            f"document.getElementById('token').value = {json.dumps(TOKEN)};"
+            "document.getElementById('token-form').requestSubmit(); true"
+        )
+        await page.wait_for("document.body.dataset.state === 'ready'")
+        shown = json.loads(await page.evaluate(PAGE_NUMBERS))
+        report = json.loads(request(base, "GET", "/status?top=10", token=TOKEN).body)
+
+        # the numbers rendered are the ones /status gives
+        assert shown["counts"] == report["counts"] | {"total": report["total"]}
+        assert shown["counts"] == {"pending": 17, "running": 2, "done": 8, "failed": 3, "total": 30}
+        assert shown["progress"] == "11 of 30 finished (36.7 %), 19 left"
+        assert float(shown["etaS"]) == pytest.approx(report["eta_s"], rel=0.05)
+        assert (
+            shown["eta"] == f"ETA: {format_duration(float(shown['etaS']))} (at the last 60m rate)"
+        )
+        assert shown["failures"] == [["3", "download", "HTTP 404", "k10, k09, k08"]]
+        assert ["test-worker", 2] in shown["workers"]
+        assert shown["doneInChart"] == 8 == sum(b["done"] for b in report["throughput"]["buckets"])
+        assert shown["classes"] == [["download", 3]]
+        assert shown["charts"] >= 3  # two throughput charts and a failure sparkline
+        assert "tiny" in shown["spec"]  # the model of the done jobs
+
+        # kept for the tab: a reload asks for nothing
+        assert await page.evaluate("sessionStorage.getItem('runner-api-token')") == TOKEN
+        await page.evaluate("document.body.dataset.state = 'reloading'; location.reload(); true")
+        await page.wait_for("document.body && document.body.dataset.state === 'ready'")
+        assert await page.evaluate("document.getElementById('token-form').hidden") is True
+
+        # at phone width nothing sticks out sideways (wide tables scroll in their box)
+        await page.send(
+            "Emulation.setDeviceMetricsOverride",
+            width=375,
+            height=800,
+            deviceScaleFactor=2,
+            mobile=True,
+        )
+        await page.evaluate("location.reload(); true")
+        await page.wait_for("document.body && document.body.dataset.state === 'ready'")
+        width = await page.evaluate("document.documentElement.scrollWidth")
+        assert width <= 375, width
+
+        # a wrong token is forgotten and asked for again
+        await page.evaluate("sessionStorage.setItem('runner-api-token', 'wrong'); true")
+        await page.evaluate("location.reload(); true")
+        await page.wait_for("document.body && document.body.dataset.state === 'token'")
+        assert "refused" in await page.evaluate(
+            "document.getElementById('token-error').textContent"
+        )
+        assert await page.evaluate("sessionStorage.getItem('runner-api-token')") is None
+
+        # the token travelled only in the Authorization header, never in a URL
+        sent = [p["request"] for m, p in page.events if m == "Network.requestWillBeSent"]
+        assert sent, "no requests seen"
+        assert all(TOKEN not in r["url"] for r in sent)
+        status_calls = [r for r in sent if "/status" in r["url"]]
+        assert any(r["headers"].get("Authorization") == f"Bearer {TOKEN}" for r in status_calls)
