@@ -154,6 +154,9 @@ def hls_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
         '#EXT-X-STREAM-INF:BANDWIDTH=200000,CODECS="avc1.42e00a,mp4a.40.2"\n'
         "plain/index.m3u8\n"
     )
+    (root / "nested.m3u8").write_text(
+        '#EXTM3U\n#EXT-X-STREAM-INF:BANDWIDTH=50000,CODECS="mp4a.40.2"\nmaster.m3u8\n'
+    )
     (root / "no-audio.m3u8").write_text(
         '#EXTM3U\n#EXT-X-STREAM-INF:BANDWIDTH=50000,CODECS="avc1.42e00a"\nvideo/index.m3u8\n'
     )
@@ -321,10 +324,11 @@ def test_playlist_found_by_its_body_and_relative_to_its_final_url(
         ("plain/sample-aes.m3u8", "encrypted with SAMPLE-AES: only AES-128 can be decrypted"),
         ("plain/empty.m3u8", "HLS playlist lists no segments"),
         ("no-audio.m3u8", "no audio rendition and no variant with audio"),
+        ("nested.m3u8", "HLS master playlist names another master playlist"),
         ("plain/fake.m3u8", "not an HLS playlist"),
         ("plain/bad-key.m3u8", "HLS key of segment 1: the AES-128 key is not 16 bytes"),
     ],
-    ids=["live", "sample-aes", "empty", "no-audio", "not-a-playlist", "bad-key"],
+    ids=["live", "sample-aes", "empty", "no-audio", "nested", "not-a-playlist", "bad-key"],
 )
 def test_playlists_we_cannot_use_fail_at_once_with_a_clear_message(
     hls: HlsServer, tmp_path: Path, path: str, message: str
