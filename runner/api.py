@@ -586,6 +586,7 @@ def _encode_view(result: jobs.Result) -> dict[str, Any]:
         "processing_audio_time": result.processing_audio_time_s,
         "video_duration": result.video_duration_s,
         "channels_count": result.channels_count,
+        "embed_spec": result.embed_spec,
     }
 
 

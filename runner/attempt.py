@@ -23,7 +23,7 @@ import numpy as np
 
 from runner import jobs
 from runner.decode import MediaInfo
-from runner.embed import WindowEmbedding
+from runner.embed import WindowEmbedding, pooled
 
 
 @dataclass(eq=False)  # identity, not value: two attempts of one job are never equal
@@ -40,6 +40,8 @@ class Attempt:
     #: the database no longer holds it for us (lease lost, claimed again): drop it
     lost: bool = False
     frame_sum: np.ndarray | None = None
+    #: mean-std pooling: the running sum of the squared frame vectors
+    frame_sq_sum: np.ndarray | None = None
     frames: int = 0
     windows_done: int = 0
     #: known once decoding ended
@@ -82,6 +84,11 @@ class Attempt:
             self.frame_sum = part.frame_sum.copy()
         else:
             self.frame_sum += part.frame_sum
+        if part.frame_sq_sum is not None:
+            if self.frame_sq_sum is None:
+                self.frame_sq_sum = part.frame_sq_sum.copy()
+            else:
+                self.frame_sq_sum += part.frame_sq_sum
         self.frames += part.frames
         self.windows_done += 1
 
@@ -92,14 +99,16 @@ class Attempt:
     def complete(self) -> bool:
         return self.windows_sent is not None and self.windows_done >= self.windows_sent
 
-    def result(self, model_id: str) -> jobs.Result:
-        """The pooled vector and facts; only once `complete`."""
+    def result(self, model_id: str, embed_spec: str | None = None) -> jobs.Result:
+        """The pooled vector and facts; only once `complete`.  `embed_spec`: the id
+        of the spec the windows were embedded with (runner/spec.py)."""
         assert self.complete and self.info is not None
         assert self.frame_sum is not None and self.frames > 0
         return jobs.Result(
-            vector=(self.frame_sum / self.frames).astype(np.float32),
+            vector=pooled(self.frame_sum, self.frame_sq_sum, self.frames),
             video_duration_s=self.info.duration_s,
             channels_count=self.info.channels_count,
             processing_audio_time_s=time.monotonic() - self.started_s,
             model_id=model_id,
+            embed_spec=embed_spec,
         )

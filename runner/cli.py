@@ -156,6 +156,22 @@ def _daemon_options(command: Callable[..., Any]) -> Callable[..., Any]:
         ),
         click.option("--compile", "compile_model", is_flag=True, help="torch.compile the model."),
         click.option(
+            "--layer",
+            type=int,
+            default=-1,
+            show_default=True,
+            help="Hidden state to pool: -1 the last, 0 the feature projection, N the "
+            "output of transformer layer N.",
+        ),
+        click.option(
+            "--pooling",
+            type=click.Choice(["mean", "mean-std"]),
+            default="mean",
+            show_default=True,
+            help="Over the L2-normalised frames: their mean, or mean and standard "
+            "deviation concatenated (twice the width).",
+        ),
+        click.option(
             "--batch-seconds",
             type=click.FloatRange(1, 100_000),
             default=None,
@@ -491,6 +507,35 @@ def retry(
     click.echo(f"requeued {count}")
 
 
+@main.command()
+@click.option(
+    "--other-specs",
+    is_flag=True,
+    required=True,
+    help="Done jobs whose vectors were made with another embedding spec than --keep.",
+)
+@click.option(
+    "--keep",
+    "keep",
+    required=True,
+    metavar="SPEC_ID",
+    help="The spec to keep (the daemon names it when it refuses to start; `runner "
+    "status` lists the recorded ones).",
+)
+@click.pass_context
+def requeue(ctx: click.Context, other_specs: bool, keep: str) -> None:
+    """Put done jobs of other embedding specs back to pending, to embed them again.
+
+    Stop the daemons of the other specs first.  Adopted vectors stay; vectors made
+    before specs were recorded stay if they are of --keep's model, last layer, mean
+    pooling.
+    """
+    from runner.spec import requeue_other_specs
+
+    requeued, forgotten = requeue_other_specs(_engine(ctx), keep)
+    click.echo(f"requeued {requeued} done job(s) of other specs; forgot {forgotten} spec(s)")
+
+
 class Timestamp(click.ParamType):
     """ISO 8601 date or date-time (UTC unless it has an offset), or unix seconds.
     A bad value is a one-line `runner: error:`, like every other input error."""
@@ -556,17 +601,49 @@ class Timestamp(click.ParamType):
     "the DB lacks and, with --only-done-since, keys that finished before it "
     "(--format json).",
 )
+@click.option(
+    "--spec",
+    "spec",
+    default=None,
+    metavar="SPEC_ID",
+    help="Only the vectors of this embedding spec (`runner status` lists them).",
+)
+@click.option(
+    "--mixed-specs",
+    is_flag=True,
+    help="Export vectors made with different embedding specs together (refused "
+    "otherwise); each vector's spec is written beside it.",
+)
 @click.pass_context
 def export(
-    ctx: click.Context, out: Path, fmt: str, pca: int | None, since: float | None, merge: bool
+    ctx: click.Context,
+    out: Path,
+    fmt: str,
+    pca: int | None,
+    since: float | None,
+    merge: bool,
+    spec: str | None,
+    mixed_specs: bool,
 ) -> None:
     """Write the done vectors and the failures to files in OUT.
 
     Every file is streamed from the database and renamed into place when complete.
+    The embedding specs of the vectors are written with them (audio_specs.json for
+    --format json) and printed; vectors of different specs are exported together
+    only with --mixed-specs.
     """
     from runner.export import export as run_export
 
-    counts = run_export(_engine(ctx), out, merge=merge, fmt=fmt, pca=pca, since=since)
+    counts = run_export(
+        _engine(ctx),
+        out,
+        merge=merge,
+        fmt=fmt,
+        pca=pca,
+        since=since,
+        spec=spec,
+        mixed_specs=mixed_specs,
+    )
     click.echo(
         f"exported {counts.done} vectors, {counts.failed} failures"
         + (f", kept {counts.merged} entries from earlier files" if merge else "")
@@ -578,6 +655,14 @@ def export(
             f"runner: warning: skipped {counts.skipped} vector(s) holding NaN or Inf, "
             f"which JSON cannot hold (first: {counts.skipped_key!r}); "
             "--format npz or parquet writes them as stored",
+            err=True,
+        )
+    for group in counts.specs:
+        click.echo(f"  {group.vectors} vector(s): {group.describe()}")
+    if counts.mixed:
+        click.echo(
+            f"runner: warning: the export mixes {len(counts.specs)} embedding specs "
+            "(--mixed-specs); each vector's spec is written beside it",
             err=True,
         )
 

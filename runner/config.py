@@ -22,6 +22,10 @@ class DaemonConfig:
     device: str = "auto"
     dtype: str = "auto"
     compile_model: bool = False
+    #: the hidden state pooled (-1: the last; 0: the feature projection; see embed.py)
+    layer: int = -1
+    #: mean, or mean-std (mean and standard deviation: twice the width)
+    pooling: str = "mean"
     until_done: bool = False
     downloads: int = 8
     per_host: int = 4

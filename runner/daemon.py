@@ -39,6 +39,7 @@ from runner.errors import StageFailed, Stopping
 from runner.headline import HeadlineCache
 from runner.metrics import Metrics
 from runner.progress import Progress
+from runner.spec import check_guard
 from runner.stages.claimer import Claimer
 from runner.stages.decoder import Decoded, DecoderPool
 from runner.stages.downloader import ByteBudget, Downloaded, Downloader
@@ -108,6 +109,7 @@ class Daemon:
         await self._reap()
         if self.embedder is None:
             self.embedder = await loop.run_in_executor(self._model_thread, self._load_model)
+        await self._check_spec(self.embedder)
         scheduler = self._scheduler(loop)
         with Workdir(self.config.workdir) as workdir:
             async with self._session() as session, self._session(guarded=True) as guarded:
@@ -132,8 +134,26 @@ class Daemon:
     def _load_model(self) -> Embedder:
         cfg = self.config
         return Embedder(
-            cfg.model_id, device=cfg.device, dtype=cfg.dtype, compile_model=cfg.compile_model
+            cfg.model_id,
+            device=cfg.device,
+            dtype=cfg.dtype,
+            compile_model=cfg.compile_model,
+            layer=cfg.layer,
+            pooling=cfg.pooling,
         )
+
+    async def _check_spec(self, embedder: Embedder) -> None:
+        """A daemon that stores vectors refuses to add them to those of another
+        embedding spec (runner/spec.py), before it claims anything."""
+        spec = getattr(embedder, "spec", None)  # test doubles may wrap no real model
+        if not self.config.claim_jobs or spec is None:
+            return
+        try:
+            await self.db.call(check_guard, spec)
+        except BaseException:
+            self.db.close()
+            raise
+        log.info("embedding spec: %s", spec.describe())
 
     def _build_stages(
         self,

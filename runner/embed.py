@@ -1,13 +1,24 @@
-"""The Wav2Vec2 model, batched windows and frame pooling.
+"""The encoder (any wav2vec2-family checkpoint), batched windows and frame pooling.
 
 A video's vector is the mean of its L2-normalised frame vectors over every valid
-frame of the whole track.  The track is cut into windows of at most 30 s so
-attention cost stays bounded; each window contributes the *sum* of its normalised
-frames plus a frame count, so windows from many videos can share a batch and be
-summed per video afterwards.  Padding never leaks in: layer-norm checkpoints get
-an attention mask and only the frames of each window's real length are pooled;
-group-norm checkpoints (which cannot mask) are batched only with windows of equal
-length.
+frame of the whole track (``mean-std`` pooling appends their standard deviation).
+The track is cut into windows of at most 30 s so attention cost stays bounded;
+each window contributes the *sum* of its normalised frames (and, for mean-std,
+of their squares) plus a frame count, so windows from many videos can share a
+batch and be summed per video afterwards: the result is exactly the mean and
+population standard deviation over every frame of the track.  Padding never leaks
+in: layer-norm checkpoints get an attention mask and only the frames of each
+window's real length are pooled; group-norm checkpoints (which cannot mask) are
+batched only with windows of equal length.
+
+Families: whatever ``AutoModel`` and ``AutoFeatureExtractor`` load of Wav2Vec2
+(with or without a CTC head: the head is dropped, the encoder's weights load),
+HuBERT, WavLM and Data2VecAudio; tests run a tiny random checkpoint of each.
+`layer` picks the hidden state: -1 (the default) or the number of layers is the
+model's output; 0 is the input of the first transformer layer (the feature
+projection with its positional convolution); N the output of layer N.  For a layer
+below the last the encoder is cut after layer N+1 (its input is what we keep), so
+the later layers cost nothing.
 
 CPU and CUDA run the same code; the device and dtype switch it.
 """
@@ -17,6 +28,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +37,7 @@ import numpy as np
 import torch
 
 from runner.decode import SAMPLE_RATE_HZ
+from runner.errors import RunnerError
 
 log = logging.getLogger(__name__)
 
@@ -33,12 +46,34 @@ WINDOW_S = 30.0
 WINDOW_SAMPLES = int(WINDOW_S * SAMPLE_RATE_HZ)
 
 
+#: checkpoint families promised to work (transformers' model_type); tests cover each
+FAMILIES = ("wav2vec2", "hubert", "wavlm", "data2vec-audio")
+POOLINGS = ("mean", "mean-std")
+#: families whose padded frames reach the real ones even with an attention mask:
+#: their windows share a batch only with windows of the same length
+PADDING_LEAKS = frozenset({"data2vec-audio"})
+
+
 @dataclass(frozen=True)
 class WindowEmbedding:
     """Sum of a window's L2-normalised frame vectors, and how many frames it had."""
 
     frame_sum: np.ndarray  # float64, (hidden_size,)
     frames: int
+    #: mean-std pooling: the sum of the squares of the same frame vectors
+    frame_sq_sum: np.ndarray | None = None
+
+
+def pooled(frame_sum: np.ndarray, frame_sq_sum: np.ndarray | None, frames: int) -> np.ndarray:
+    """The video's vector from its sums: the mean, and with squares the population
+    standard deviation after it (twice the width)."""
+    if frames == 0:
+        raise ValueError("audio too short to embed: no frames")
+    mean = frame_sum / frames
+    if frame_sq_sum is None:
+        return mean.astype(np.float32)
+    std = np.sqrt(np.maximum(frame_sq_sum / frames - mean * mean, 0.0))
+    return np.concatenate([mean, std]).astype(np.float32)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -94,28 +129,67 @@ class Embedder:
         device: str = "auto",
         dtype: str = "auto",
         compile_model: bool = False,
+        layer: int = -1,
+        pooling: str = "mean",
     ) -> None:
         _quiet_transformers()
-        from transformers import Wav2Vec2FeatureExtractor, Wav2Vec2Model
+        from transformers import AutoFeatureExtractor
 
+        if pooling not in POOLINGS:
+            raise RunnerError(f"unknown pooling {pooling!r}: use {' or '.join(POOLINGS)}")
         self.model_id = model_id
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
+        self.pooling = pooling
         try:
-            self.features = Wav2Vec2FeatureExtractor.from_pretrained(model_id)
-            # A CTC checkpoint loads without its head: we want the encoder's states.
-            model = Wav2Vec2Model.from_pretrained(
-                model_id, attn_implementation="sdpa", dtype=self.dtype
-            )
+            self.features = AutoFeatureExtractor.from_pretrained(model_id)
+            model = _load_encoder(model_id, self.dtype)
         except OSError as exc:
             raise ValueError(f"cannot load model {model_id!r}: {exc}") from None
+        config = model.config
+        layers = _encoder_layers(model, model_id)
+        self.layers = len(layers)
+        self.layer = _resolve_layer(layer, self.layers, model_id)
+        #: a hidden state below the last: read at the input of layer `layer`
+        self._captured: list[torch.Tensor] = []
+        if self.layer < self.layers:
+            model.encoder.layers = torch.nn.ModuleList(list(layers)[: self.layer + 1])
+            model.encoder.layers[self.layer].register_forward_pre_hook(
+                self._capture, with_kwargs=True
+            )
         model.eval().to(self.device)
         self.model: Any = torch.compile(model) if compile_model else model
-        self._config = model.config
-        self.hidden_size = int(model.config.hidden_size)
-        self.masks_padding = model.config.feat_extract_norm == "layer"
+        self._config = config
+        self.hidden_size = int(config.hidden_size)
+        #: width of the video vectors
+        self.dim = self.hidden_size * (2 if pooling == "mean-std" else 1)
+        # Data2VecAudio has no feat_extract_norm: its feature encoder is layer-normed,
+        # but the layer norms inside its positional convolution carry padding into
+        # the real frames beside it, so it is batched like a group-norm model
+        self.masks_padding = (
+            getattr(config, "feat_extract_norm", "layer") == "layer"
+            and config.model_type not in PADDING_LEAKS
+        )
+        #: torch warns on every masked WavLM batch (its position bias is a float
+        #: mask beside the boolean padding mask); harmless, and an error under -W error
+        self._mask_warning = config.model_type == "wavlm" and self.masks_padding
         self._output_lengths: Any = model._get_feat_extract_output_lengths
         self._pin = self.device.type == "cuda"
+        from runner.spec import EmbedSpec, fingerprint, model_name
+
+        self.spec = EmbedSpec(
+            model=model_name(model_id),
+            fingerprint=fingerprint(model_id, config.to_json_string()),
+            layer=self.layer,
+            layers=self.layers,
+            pooling=pooling,
+            dtype=str(self.dtype).removeprefix("torch."),
+            dim=self.dim,
+            family=str(config.model_type),
+        )
+
+    def _capture(self, _module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self._captured.append(args[0] if args else kwargs["hidden_states"])
 
     def batch_key(self, n_samples: int) -> int:
         """Windows may share a batch only if their batch keys are equal."""
@@ -139,6 +213,24 @@ class Embedder:
             mask[row, : len(window)] = 1
         return values, mask
 
+    def _hidden(self, values: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+        """The chosen hidden state, (batch, frames, hidden)."""
+        if self._mask_warning:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Support for mismatched key_padding")
+                return self._forward(values, kwargs)
+        return self._forward(values, kwargs)
+
+    def _forward(self, values: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+        if self.layer == self.layers:
+            return self.model(values, **kwargs).last_hidden_state
+        self._captured.clear()
+        try:
+            self.model(values, **kwargs)
+            return self._captured[-1]
+        finally:
+            self._captured.clear()
+
     @torch.inference_mode()
     def embed(self, windows: Sequence[np.ndarray]) -> list[WindowEmbedding]:
         """One forward pass over windows that share a `batch_key`."""
@@ -146,28 +238,79 @@ class Embedder:
         values = values.to(self.device, non_blocking=True).to(self.dtype)
         mask = mask.to(self.device, non_blocking=True)
         kwargs = {"attention_mask": mask} if self.masks_padding else {}
-        hidden = self.model(values, **kwargs).last_hidden_state.float()
+        hidden = self._hidden(values, kwargs).float()
         lengths = torch.tensor([len(w) for w in windows])
         frames = self._output_lengths(lengths).to(self.device)
         valid = torch.arange(hidden.shape[1], device=self.device)[None, :] < frames[:, None]
         unit = torch.nn.functional.normalize(hidden, dim=-1) * valid[..., None]
         sums = unit.sum(dim=1).double().cpu().numpy()
+        squares = None
+        if self.pooling == "mean-std":
+            squares = (unit * unit).sum(dim=1).double().cpu().numpy()
         counts = frames.cpu().tolist()
         return [
-            WindowEmbedding(frame_sum=sums[i], frames=int(counts[i])) for i in range(len(windows))
+            WindowEmbedding(
+                frame_sum=sums[i],
+                frames=int(counts[i]),
+                frame_sq_sum=None if squares is None else squares[i],
+            )
+            for i in range(len(windows))
         ]
 
 
+def _load_encoder(model_id: str, dtype: torch.dtype) -> Any:
+    """AutoModel: the base encoder of any head (a CTC checkpoint's encoder weights
+    load under its prefix); SDPA attention where the family has it (WavLM has not)."""
+    from transformers import AutoModel
+
+    try:
+        return AutoModel.from_pretrained(model_id, attn_implementation="sdpa", dtype=dtype)
+    except ValueError as exc:
+        if "scaled_dot_product_attention" not in str(exc) and "sdpa" not in str(exc):
+            raise ValueError(f"cannot load model {model_id!r}: {exc}") from None
+    return AutoModel.from_pretrained(model_id, dtype=dtype)
+
+
+def _encoder_layers(model: Any, model_id: str) -> Sequence[Any]:
+    """The transformer layers: what every wav2vec2-family encoder has."""
+    model_type = getattr(model.config, "model_type", "?")
+    layers = getattr(getattr(model, "encoder", None), "layers", None)
+    if layers is None or not hasattr(model, "_get_feat_extract_output_lengths"):
+        raise RunnerError(
+            f"model {model_id!r} ({model_type}) is not a wav2vec2-family audio encoder: "
+            f"use one of {', '.join(FAMILIES)}"
+        )
+    if model_type not in FAMILIES:
+        log.warning(
+            "model %s is a %s checkpoint, not one of the tested families (%s)",
+            model_id,
+            model_type,
+            ", ".join(FAMILIES),
+        )
+    return layers
+
+
+def _resolve_layer(layer: int, layers: int, model_id: str) -> int:
+    """-1 is the last hidden state; hidden states are numbered 0..layers."""
+    if not -(layers + 1) <= layer <= layers:
+        raise RunnerError(
+            f"--layer {layer} is out of range for {model_id!r}: it has hidden states "
+            f"0 to {layers} (or -{layers + 1} to -1; -1 is the last)"
+        )
+    return layer if layer >= 0 else layers + 1 + layer
+
+
 def pool(parts: Sequence[WindowEmbedding], hidden_size: int) -> np.ndarray:
-    """Mean of normalised frames over the whole video, from per-window sums."""
+    """The video's vector from its windows' sums (mean, or mean and std)."""
     total = np.zeros(hidden_size, dtype=np.float64)
+    squares = None
     frames = 0
     for part in parts:
         total += part.frame_sum
+        if part.frame_sq_sum is not None:
+            squares = part.frame_sq_sum.copy() if squares is None else squares + part.frame_sq_sum
         frames += part.frames
-    if frames == 0:
-        raise ValueError("audio too short to embed: no frames")
-    return (total / frames).astype(np.float32)
+    return pooled(total, squares, frames)
 
 
 def embed_audio(embedder: Embedder, windows: Sequence[np.ndarray]) -> np.ndarray:

@@ -20,19 +20,21 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine
 
 from runner.errors import RunnerError
-from runner.export_common import one_set_of_files, reading, shape, vectors_where
+from runner.export_common import one_set_of_files, only_spec, reading, shape, vectors_where
 from runner.export_json import (
     FAIL_FILE,
     PROCESS_FILE,
+    SPECS_FILE,
     VECTORS_FILE,
     JsonObjectWriter,
     vector_json,
     write_done,
     write_failed,
     write_process,
+    write_specs,
 )
 from runner.export_npz import (
     NPZ_FAIL_FILE,
@@ -48,6 +50,7 @@ from runner.export_npz import write_vectors as write_npz
 from runner.export_parquet import PARQUET_FAIL_FILE, PARQUET_FILE
 from runner.export_parquet import write_failed as write_failed_parquet
 from runner.export_parquet import write_vectors as write_parquet
+from runner.spec import SpecGroup, conflicting, spec_groups
 
 __all__ = [
     "FAIL_FILE",
@@ -60,6 +63,7 @@ __all__ = [
     "PARQUET_FILE",
     "PCA_FILE",
     "PROCESS_FILE",
+    "SPECS_FILE",
     "VECTORS_FILE",
     "ExportCounts",
     "JsonObjectWriter",
@@ -86,6 +90,10 @@ class ExportCounts:
     skipped: int = 0
     #: the first of them, for the warning
     skipped_key: str | None = None
+    #: how the exported vectors were made (runner/spec.py), largest group first
+    specs: tuple[SpecGroup, ...] = ()
+    #: they are of more than one spec (exported because --mixed-specs said so)
+    mixed: bool = False
 
 
 def parse_timestamp(text: str) -> float:
@@ -122,6 +130,8 @@ def export(
     pca: int | None = None,
     since: float | None = None,
     pca_chunk_rows: int = PCA_CHUNK_ROWS,
+    spec: str | None = None,
+    mixed_specs: bool = False,
 ) -> ExportCounts:
     """`runner export`.
 
@@ -134,6 +144,11 @@ def export(
     `since`: only jobs that finished at or after it (unix seconds).
     `merge` (json): keep the entries of the existing files that this export does
     not cover (keys the database lacks; with `since`, keys finished before it).
+    `spec`: only the vectors of this embedding spec id.  Vectors of more than one
+    spec (see runner.spec.conflicting) are refused unless `mixed_specs`; every
+    format records the specs it holds, and per vector when there is more than one
+    kind (audio_specs.json for json, `specs_json` and `spec_index` in vectors.npz,
+    schema metadata and an `embed_spec` column in vectors.parquet).
     """
     if fmt not in FORMATS:
         raise RunnerError(f"unknown export format {fmt!r}: use one of {', '.join(FORMATS)}")
@@ -141,6 +156,42 @@ def export(
         raise RunnerError(f"--pca must be at least 1 (got {pca})")
     if merge and fmt != "json":
         raise RunnerError("--merge works with --format json only")
+    if merge and spec is not None:
+        raise RunnerError(
+            "--merge and --spec cannot go together: the merged files would hold "
+            "the earlier export's vectors of other specs"
+        )
+    with only_spec(spec):
+        return _export(engine, out, merge, fmt, pca, since, pca_chunk_rows, mixed_specs)
+
+
+def _check_specs(conn: Connection, since: float | None, pca: bool, mixed: bool) -> list[SpecGroup]:
+    """The exported vectors' spec groups; refuses a mix unless `mixed`."""
+    groups = spec_groups(conn, vectors_where(since))
+    mix = conflicting(groups)
+    if pca and since is not None:  # the PCA is fitted on every vector
+        mix = mix or conflicting(spec_groups(conn, vectors_where(None)))
+    if mix and not mixed:
+        kinds = "; ".join(f"{g.vectors} of {g.describe()}" for g in mix)
+        raise RunnerError(
+            f"the vectors to export were made {len(mix)} different ways: {kinds}. "
+            "Export one with --spec ID, or all of them with --mixed-specs (each "
+            "vector's spec is then written beside it), or embed the others again "
+            "(`runner requeue --other-specs --keep ID`)"
+        )
+    return groups
+
+
+def _export(
+    engine: Engine,
+    out: Path,
+    merge: bool,
+    fmt: str,
+    pca: int | None,
+    since: float | None,
+    pca_chunk_rows: int,
+    mixed_specs: bool,
+) -> ExportCounts:
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -148,6 +199,7 @@ def export(
     skipped: list[str] = []
     merged = 0
     with reading(engine) as conn, one_set_of_files():
+        groups = _check_specs(conn, since, pca is not None, mixed_specs)
         everything = None
         if pca is not None:  # refuse before any file is written
             everything = shape(conn, vectors_where(None))
@@ -157,14 +209,15 @@ def export(
             skipped = skipped_json.keys
             failed, merged_failed = write_failed(conn, out / FAIL_FILE, merge, since, skipped)
             merged = merged_done + merged_failed
-            files = [VECTORS_FILE, PROCESS_FILE, FAIL_FILE]
+            write_specs(conn, out / SPECS_FILE, since, groups)
+            files = [VECTORS_FILE, PROCESS_FILE, FAIL_FILE, SPECS_FILE]
         elif fmt == "npz":
-            done = write_npz(conn, out / NPZ_FILE, since)
+            done = write_npz(conn, out / NPZ_FILE, since, groups)
             write_process(conn, out / NPZ_PROCESS_FILE, since)
             failed, _ = write_failed(conn, out / NPZ_FAIL_FILE, False, since)
             files = [NPZ_FILE, NPZ_PROCESS_FILE, NPZ_FAIL_FILE]
         else:
-            done = write_parquet(conn, out / PARQUET_FILE, since)
+            done = write_parquet(conn, out / PARQUET_FILE, since, groups)
             failed = write_failed_parquet(conn, out / PARQUET_FAIL_FILE, since)
             files = [PARQUET_FILE, PARQUET_FAIL_FILE]
         if pca is not None and everything is not None:
@@ -178,4 +231,6 @@ def export(
         files=tuple(files),
         skipped=len(skipped),
         skipped_key=skipped[0] if skipped else None,
+        specs=tuple(groups),
+        mixed=bool(conflicting(groups)),
     )

@@ -22,6 +22,7 @@ from runner.db import READ_ONLY
 from runner.errors import RunnerError
 from runner.jobs import Status
 from runner.models import jobs
+from runner.spec import ADOPTED
 
 #: rows per database round trip of a streamed query
 STREAM_ROWS = 500
@@ -115,9 +116,41 @@ def finished(status: Status, since: float | None) -> list[Any]:
     return where
 
 
+#: `runner export --spec ID`: only the vectors of that embedding spec (inside `only_spec`)
+_SPEC: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "runner_export_spec", default=None
+)
+
+
+@contextlib.contextmanager
+def only_spec(spec_id: str | None) -> Iterator[None]:
+    """Every format, PCA included, exports only the vectors of `spec_id` inside."""
+    token = _SPEC.set(spec_id)
+    try:
+        yield
+    finally:
+        _SPEC.reset(token)
+
+
 def vectors_where(since: float | None) -> list[Any]:
     """Done rows that have a vector (every format exports exactly these)."""
-    return [*finished(Status.DONE, since), jobs.c.vector.is_not(None)]
+    where = [*finished(Status.DONE, since), jobs.c.vector.is_not(None)]
+    spec_id = _SPEC.get()
+    if spec_id is not None:
+        where.append(jobs.c.embed_spec == spec_id)
+    return where
+
+
+#: what the streamed rows need to say how their vector was made (`spec_label`)
+SPEC_COLUMNS = (jobs.c.embed_spec, jobs.c.model_id)
+
+
+def spec_label(row: Any) -> str:
+    """The row's spec id, or for vectors without one 'adopted' or
+    'unrecorded:MODEL' (as runner.spec.SpecGroup.label)."""
+    if row.embed_spec is not None:
+        return str(row.embed_spec)
+    return ADOPTED if row.model_id == ADOPTED else f"unrecorded:{row.model_id}"
 
 
 @dataclass(frozen=True)

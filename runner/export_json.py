@@ -28,13 +28,23 @@ import orjson
 from sqlalchemy import Connection, bindparam, or_, select
 
 from runner.errors import RunnerError
-from runner.export_common import atomic_binary, finished, stream, vectors_where
+from runner.export_common import (
+    SPEC_COLUMNS,
+    atomic_binary,
+    finished,
+    spec_label,
+    stream,
+    vectors_where,
+)
 from runner.jobs import Status
 from runner.models import jobs
+from runner.spec import SpecGroup
 
 VECTORS_FILE = "audio_vectors.json"
 PROCESS_FILE = "audio_process.json"
 FAIL_FILE = "audio_fail.json"
+#: how the exported vectors were made (runner/spec.py); new beside the old three
+SPECS_FILE = "audio_specs.json"
 #: old entries per "which of these keys does this export cover" query
 MERGE_BATCH = 2_000
 
@@ -257,3 +267,23 @@ def write_failed(
         merged = merge_old(conn, path, writer, Coverage(since, frozenset(skipped))) if merge else 0
         writer.close()
     return failed, merged
+
+
+def write_specs(conn: Connection, path: Path, since: float | None, groups: list[SpecGroup]) -> None:
+    """audio_specs.json: ``{"specs": [...], "keys": {key: label}}``: each way the
+    exported vectors were made (spec, count, description), largest first, and,
+    when there is more than one, which way each key's vector was (by label: the
+    spec id, 'adopted' or 'unrecorded:MODEL').  Only the vectors this export read
+    from the database: --merge keeps older entries it says nothing about."""
+    with atomic_binary(path) as out:
+        out.write(b'{"specs": ' + dumps([g.as_dict() for g in groups]))
+        if len(groups) > 1:
+            out.write(b', "keys": ')
+            writer = JsonObjectWriter(out)
+            stmt = select(jobs.c.key, *SPEC_COLUMNS).where(*vectors_where(since))
+            for row in stream(conn, stmt.order_by(jobs.c.id)):
+                writer.write(row.key, spec_label(row))
+            writer.close()
+            out.write(b"}\n")
+        else:
+            out.write(b"}\n")

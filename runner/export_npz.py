@@ -34,14 +34,18 @@ from sqlalchemy import Connection, select
 
 from runner.errors import RunnerError
 from runner.export_common import (
+    SPEC_COLUMNS,
     Shape,
     atomic_binary,
     chunks,
     even_sizes,
     shape,
+    spec_label,
     vectors_where,
 )
+from runner.export_json import dumps
 from runner.models import jobs
+from runner.spec import SpecGroup
 
 NPZ_FILE = "vectors.npz"
 NPZ_PROCESS_FILE = "process.json"
@@ -136,27 +140,40 @@ def npz_keys(npz: Any) -> list[str]:
 
 
 def _vector_rows(conn: Connection, since: float | None, dim: int, sizes: Iterable[int]) -> Any:
-    stmt = select(jobs.c.key, jobs.c.vector).where(*vectors_where(since)).order_by(jobs.c.id)
-    return chunks(conn, stmt, dim, sizes)
+    stmt = select(jobs.c.key, jobs.c.vector, *SPEC_COLUMNS).where(*vectors_where(since))
+    return chunks(conn, stmt.order_by(jobs.c.id), dim, sizes)
 
 
 def rows_per_chunk(dim: int) -> int:
     return max(1, CHUNK_BYTES // max(1, 4 * dim))
 
 
-def write_vectors(conn: Connection, path: Path, since: float | None) -> int:
-    """vectors.npz: keys (see the module doc) and vectors (float32 N x D, job order)."""
+def write_vectors(
+    conn: Connection, path: Path, since: float | None, groups: list[SpecGroup] | None = None
+) -> int:
+    """vectors.npz: keys (see the module doc), vectors (float32 N x D, job order),
+    `specs_json` (a 0-d string: the JSON list of how they were made, as in
+    audio_specs.json) and, when that list has more than one entry, `spec_index`
+    (uint16, N: each vector's entry in it)."""
+    groups = groups or []
     wanted = shape(conn, vectors_where(since))
     keys = KeyBuffer(wanted.rows)
+    labels = {group.label: i for i, group in enumerate(groups)}
+    index = np.zeros(wanted.rows, dtype=np.uint16) if len(groups) > 1 else None
     with atomic_binary(path) as stream:
         npz = NpzWriter(stream)
         with npz.member("vectors", np.dtype(np.float32), (wanted.rows, wanted.dim)) as write:
             sizes = even_sizes(wanted.rows, rows_per_chunk(wanted.dim))
             for rows, vectors in _vector_rows(conn, since, wanted.dim, sizes):
                 for row in rows:
+                    if index is not None:
+                        index[keys.count] = labels[spec_label(row)]
                     keys.add(row.key)
                 write(vectors)
         keys.write(npz)
+        npz.put("specs_json", np.array(dumps([g.as_dict() for g in groups]).decode()))
+        if index is not None:
+            npz.put("spec_index", index)
         npz.close()
     return wanted.rows
 

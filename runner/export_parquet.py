@@ -25,12 +25,14 @@ from runner.export_common import (
     even_sizes,
     finished,
     shape,
+    spec_label,
     stream,
     vectors_where,
 )
-from runner.export_json import FAILURE_COLUMNS
+from runner.export_json import FAILURE_COLUMNS, dumps
 from runner.jobs import Status
 from runner.models import jobs
+from runner.spec import SpecGroup
 
 PARQUET_FILE = "vectors.parquet"
 PARQUET_FAIL_FILE = "failed.parquet"
@@ -39,23 +41,29 @@ PARQUET_GROUP_ROWS = 4_096
 PARQUET_GROUP_BYTES = 16 << 20
 #: dictionary-encode only columns whose values repeat; keys and URLs are unique
 #: and vectors never repeat, where a dictionary only costs time
-DICTIONARY_COLUMNS = ["model", "error", "error_class"]
+DICTIONARY_COLUMNS = ["model", "error", "error_class", "embed_spec"]
+#: schema metadata key: the JSON list of how the vectors were made (audio_specs.json's)
+SPECS_METADATA = b"runner.embed_specs"
 TIMESTAMP = pa.timestamp("us", tz="UTC")
 
 
-def vectors_schema(dim: int) -> pa.Schema:
-    return pa.schema(
-        [
-            pa.field("key", pa.string(), nullable=False),
-            pa.field("url", pa.string()),
-            pa.field("vector", pa.list_(pa.float32(), dim), nullable=False),
-            pa.field("video_duration", pa.float64()),
-            pa.field("channels_count", pa.int32()),
-            pa.field("processing_audio_time", pa.float64()),
-            pa.field("model", pa.string()),
-            pa.field("finished_at", TIMESTAMP),
-        ]
-    )
+def vectors_schema(dim: int, groups: list[SpecGroup] | None = None) -> pa.Schema:
+    """With more than one spec group, an `embed_spec` column (the label of each
+    vector's: spec id, 'adopted' or 'unrecorded:MODEL') ends the row."""
+    fields = [
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("url", pa.string()),
+        pa.field("vector", pa.list_(pa.float32(), dim), nullable=False),
+        pa.field("video_duration", pa.float64()),
+        pa.field("channels_count", pa.int32()),
+        pa.field("processing_audio_time", pa.float64()),
+        pa.field("model", pa.string()),
+        pa.field("finished_at", TIMESTAMP),
+    ]
+    groups = groups or []
+    if len(groups) > 1:
+        fields.append(pa.field("embed_spec", pa.string()))
+    return pa.schema(fields, metadata={SPECS_METADATA: dumps([g.as_dict() for g in groups])})
 
 
 FAILED_SCHEMA = pa.schema(
@@ -79,10 +87,13 @@ def _writer(out: Any, schema: pa.Schema) -> pq.ParquetWriter:
     return pq.ParquetWriter(out, schema, compression="snappy", use_dictionary=DICTIONARY_COLUMNS)
 
 
-def write_vectors(conn: Connection, path: Path, since: float | None) -> int:
+def write_vectors(
+    conn: Connection, path: Path, since: float | None, groups: list[SpecGroup] | None = None
+) -> int:
     """vectors.parquet; refuses (before writing) vectors of different dimensions."""
     wanted = shape(conn, vectors_where(since))
-    schema = vectors_schema(wanted.dim)
+    schema = vectors_schema(wanted.dim, groups)
+    per_vector = len(groups or []) > 1
     stmt = (
         select(
             jobs.c.key,
@@ -93,6 +104,7 @@ def write_vectors(conn: Connection, path: Path, since: float | None) -> int:
             jobs.c.processing_audio_time_s,
             jobs.c.model_id,
             jobs.c.finished_at,
+            jobs.c.embed_spec,
         )
         .where(*vectors_where(since))
         .order_by(jobs.c.id)
@@ -111,6 +123,8 @@ def write_vectors(conn: Connection, path: Path, since: float | None) -> int:
                 pa.array([r.model_id for r in rows], type=pa.string()),
                 _micros(r.finished_at for r in rows),
             ]
+            if per_vector:
+                columns.append(pa.array([spec_label(r) for r in rows], type=pa.string()))
             writer.write_table(pa.Table.from_arrays(columns, schema=schema))
     return wanted.rows
 

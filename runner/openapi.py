@@ -79,6 +79,11 @@ SCHEMAS: dict[str, Any] = {
             "processing_audio_time": {"type": "number"},
             "video_duration": {"type": "number"},
             "channels_count": {"type": "integer"},
+            "embed_spec": {
+                "type": ["string", "null"],
+                "description": "Id of the embedding spec (model and a hash of its files, "
+                "layer, pooling, dtype) that made the vector, as stored with done jobs.",
+            },
         },
     },
     "JobRecord": {

@@ -24,6 +24,7 @@ from runner.jobs import Status
 from runner.models import jobs
 from runner.queries import reading
 from runner.rates import window_rate
+from runner.spec import registered_specs, spec_lines
 
 __all__ = ["WINDOWS", "format_duration", "format_status", "read_status", "show_status"]
 
@@ -55,6 +56,7 @@ def read_status(
         failures = _top_failures(conn, top) if top else []
         chart = _throughput(conn, now=now, hours=chart_hours, bucket_s=bucket_s)
         workers = _workers(conn, now=now)
+        specs = registered_specs(conn)
     return {
         "now": now,
         "counts_as_of": headline.now,
@@ -75,6 +77,7 @@ def read_status(
         "top_failures": failures,
         "throughput": chart,
         "workers": workers,
+        "specs": specs,
     }
 
 
@@ -308,6 +311,7 @@ def format_status(report: dict[str, Any]) -> str:
             lines.append(f"  {f['count']:>8}  [{f['error_class']}] {f['error']}")
             if f.get("examples"):
                 lines.append(f"            e.g. {', '.join(f['examples'])}")
+    lines += spec_lines(report.get("specs") or [])
     return "\n".join(lines)
 
 

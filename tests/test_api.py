@@ -79,7 +79,10 @@ def test_encode_audio_old_contract_same_vector_as_a_queued_job(
     reply = api("POST", "/encode_audio", {"video_url": url})
     assert reply.status == 200, reply
     body = reply.json()
-    assert set(body) == {"features", "processing_audio_time", "video_duration", "channels_count"}
+    # the old contract's four fields, and the spec that made the vector (runner/spec.py)
+    old = {"features", "processing_audio_time", "video_duration", "channels_count"}
+    assert set(body) == old | {"embed_spec"}
+    assert isinstance(body["embed_spec"], str) and len(body["embed_spec"]) == 32
     assert len(body["features"]) == 1 and len(body["features"][0]) == TINY_HIDDEN
     assert np.linalg.norm(body["features"][0]) > 0.1
     assert body["channels_count"] == 2

@@ -68,6 +68,9 @@ class EmbedLoop:
             metrics,
         )
         self.batcher = WindowBatcher(embedder, batch_seconds)
+        spec = getattr(embedder, "spec", None)  # test doubles may wrap no real model
+        #: recorded on every result: how its vector was made (runner/spec.py)
+        self.spec_id: str | None = spec.id if spec is not None else None
         self.failed_alone_in_a_row = 0
         self._model = thread or model_thread()
 
@@ -149,7 +152,7 @@ class EmbedLoop:
     def _maybe_complete(self, attempt: Attempt) -> None:
         if not (attempt.live and attempt.complete):
             return
-        result = attempt.result(self.embedder.model_id)
+        result = attempt.result(self.embedder.model_id, self.spec_id)
         if not np.isfinite(result.vector).all():  # a float16 overflow, a broken model
             self.inflight.error(
                 attempt,

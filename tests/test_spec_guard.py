@@ -1,0 +1,286 @@
+"""Embedding specs: recorded with every vector, guarded at daemon start, shown by
+status and every export, never mixed by an export without saying so."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from sqlalchemy import Engine, select, update
+
+from runner import catalogue, jobs
+from runner.db import connect
+from runner.export import npz_keys
+from runner.models import embed_specs
+from runner.models import jobs as jobs_table
+from runner.spec import (
+    EmbedSpec,
+    SpecMismatch,
+    check_guard,
+    fingerprint_dir,
+    register,
+    requeue_other_specs,
+)
+from tests.argv import daemon_args
+from tests.conftest import TINY_HIDDEN, Cli, MediaServer, write_catalogue
+
+NOW = 1_800_000_000.0
+
+
+def spec(model: str = "m", **changes: object) -> EmbedSpec:
+    base = EmbedSpec(
+        model=model,
+        fingerprint="0" * 16,
+        layer=2,
+        layers=2,
+        pooling="mean",
+        dtype="float32",
+        dim=4,
+        family="wav2vec2",
+    )
+    return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def engine(any_db_url: str) -> Iterator[Engine]:
+    engine = connect(any_db_url)
+    yield engine
+    engine.dispose()
+
+
+def add_done(engine: Engine, vectors: dict[str, tuple[str | None, str]]) -> None:
+    """Done jobs: key -> (embed_spec id or None, model_id)."""
+    records = [catalogue.Record(key=k, url=f"http://media.test/{k}", meta={}) for k in vectors]
+    with engine.begin() as conn:
+        catalogue.upsert_records(conn, records, now=NOW)
+    claimed = jobs.claim(engine, worker_id="w", limit=len(vectors), lease_s=60, now=NOW)
+    started = [jobs.start(engine, job, now=NOW) for job in claimed]
+    with engine.begin() as conn:
+        for job in started:
+            spec_id, model = vectors[job.key]
+            result = jobs.Result(
+                vector=np.full(4, 0.5, dtype=np.float32),
+                video_duration_s=1.0,
+                channels_count=1,
+                processing_audio_time_s=0.1,
+                model_id=model,
+                embed_spec=spec_id,
+            )
+            jobs.complete(conn, job, result, now=NOW)
+
+
+def statuses(engine: Engine) -> dict[str, tuple[str, str | None]]:
+    with engine.connect() as conn:
+        rows = conn.execute(select(jobs_table.c.key, jobs_table.c.status, jobs_table.c.embed_spec))
+        return {r.key: (r.status, r.embed_spec) for r in rows}
+
+
+def test_guard_refuses_another_spec_and_requeue_makes_it_pass(engine: Engine) -> None:
+    """On SQLite and PostgreSQL: the refusal names the stored spec and the command;
+    the requeue puts back exactly the other spec's done jobs and forgets that spec."""
+    old, new = spec("old-model"), spec("new-model", pooling="mean-std", dim=8)
+    check_guard(engine, old)
+    add_done(engine, {"a": (old.id, "old-model"), "b": (old.id, "old-model")})
+    check_guard(engine, old)  # the same spec again: fine
+    with pytest.raises(SpecMismatch) as refused:
+        check_guard(engine, new)
+    message = str(refused.value)
+    assert "\n" not in message
+    assert old.describe() in message and new.describe() in message
+    assert f"runner requeue --other-specs --keep {new.id}" in message
+
+    assert requeue_other_specs(engine, new.id) == (2, 1)
+    assert {k: s for k, (s, _) in statuses(engine).items()} == {"a": "pending", "b": "pending"}
+    with engine.connect() as conn:
+        assert list(conn.execute(select(embed_specs.c.id)).scalars()) == [new.id]
+        row = conn.execute(select(jobs_table).where(jobs_table.c.key == "a")).one()
+    assert (row.vector, row.model_id, row.embed_spec, row.attempts) == (None, None, None, 0)
+    check_guard(engine, new)  # passes now
+    with pytest.raises(Exception, match="no such embedding spec"):
+        requeue_other_specs(engine, "f" * 32)
+
+
+def test_vectors_without_a_spec(engine: Engine) -> None:
+    """Legacy vectors (before specs were recorded) count as their model's last layer
+    with mean pooling; adopted vectors never stop a daemon, nor get requeued."""
+    add_done(engine, {"legacy": (None, "m"), "adopted": (None, "adopted")})
+    check_guard(engine, spec("m"))  # same model, last layer, mean: fine
+    for other in (spec("m", layer=1), spec("m", pooling="mean-std"), spec("other")):
+        with pytest.raises(SpecMismatch, match=r"m \(recorded before specs"):
+            check_guard(engine, other)
+    # the refused specs were recorded (so the command can name them), then forgotten
+    bfloat16 = spec("m", dtype="bfloat16")
+    register(engine, bfloat16)
+    assert requeue_other_specs(engine, bfloat16.id) == (0, 4)
+    register(engine, spec("other"))
+    assert requeue_other_specs(engine, spec("other").id) == (1, 1)
+    assert statuses(engine) == {"legacy": ("pending", None), "adopted": ("done", None)}
+
+
+def test_the_steady_state_reads_no_jobs(engine: Engine) -> None:
+    """Once this spec is the only one recorded, the guard asks embed_specs alone:
+    a row written behind its back (no daemon records its spec first) goes unseen,
+    which is what makes it cheap at a million jobs."""
+    mine = spec("m")
+    check_guard(engine, mine)
+    add_done(engine, {"x": ("e" * 32, "m")})
+    check_guard(engine, mine)
+    register(engine, spec("other"))  # another daemon started: now it looks
+    with pytest.raises(SpecMismatch, match=r"spec e{32} \(not recorded\)"):
+        check_guard(engine, mine)
+
+
+def test_fingerprint_follows_config_and_weight_sizes(tmp_path: Path) -> None:
+    """Config files by content, weights by name and size, through the hub cache's
+    symlinks as through plain files."""
+    blobs, snapshot = tmp_path / "blobs", tmp_path / "snapshot"
+    blobs.mkdir()
+    snapshot.mkdir()
+    files = {
+        "config.json": b'{"model_type": "wav2vec2"}',
+        "preprocessor_config.json": b'{"do_normalize": true}',
+        "model.safetensors": b"\0" * 64,
+        "README.md": b"not part of it",
+    }
+    for name, content in files.items():
+        (blobs / name).write_bytes(content)
+        (snapshot / name).symlink_to(blobs / name)
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    for name, content in files.items():
+        (plain / name).write_bytes(content)
+    before = fingerprint_dir(snapshot)
+    assert fingerprint_dir(plain) == before
+    (plain / "README.md").write_bytes(b"changed")
+    assert fingerprint_dir(plain) == before
+    (plain / "model.safetensors").write_bytes(b"\1" * 64)  # same size: same print
+    assert fingerprint_dir(plain) == before
+    (plain / "model.safetensors").write_bytes(b"\0" * 65)
+    assert fingerprint_dir(plain) != before
+    (blobs / "preprocessor_config.json").write_bytes(b'{"do_normalize": false}')
+    assert fingerprint_dir(snapshot) != before
+
+
+def daemon(cli: Cli, model: Path, workdir: Path, *extra: str, ok: bool = True):  # type: ignore[no-untyped-def]
+    return cli(*daemon_args(model, workdir, "--until-done", *extra), ok=ok)
+
+
+def test_daemon_records_refuses_and_requeue_works(
+    cli: Cli, tmp_path: Path, tiny_model: Path, server: MediaServer, db_url: str
+) -> None:
+    names = ["stereo.mp4", "song.mp3"]
+    records = {name: {"url": server.url(f"media/{name}")} for name in names}
+    cli("import", str(write_catalogue(tmp_path / "catalogue.json", records)))
+    daemon(cli, tiny_model, tmp_path / "work")
+    status = json.loads(cli("status", "--json").stdout)
+    (first,) = status["specs"]
+    assert first["spec"]["model"] == str(tiny_model.resolve())
+    assert first["spec"]["dim"] == TINY_HIDDEN and first["spec"]["pooling"] == "mean"
+    assert statuses(connect(db_url)) == {n: ("done", first["id"]) for n in names}
+    assert f"embedding spec: {first['description']}" in cli("status").stdout
+
+    # another spec on the same database: one line, naming the stored spec and the way on
+    refused = daemon(cli, tiny_model, tmp_path / "work", "--pooling", "mean-std", ok=False)
+    assert refused.exit_code == 1 and refused.stdout == ""
+    (line,) = refused.stderr.splitlines()
+    assert line.startswith("runner: error: this database holds done vectors of another")
+    assert first["description"] in line
+    command = line.split("`")[1]
+    assert command.startswith("runner requeue --other-specs --keep ")
+    assert "done" in cli("status").stdout  # nothing was touched
+
+    requeued = cli(*command.split()[1:]).stdout
+    assert requeued.startswith("requeued 2 done job(s) of other specs; forgot 1 spec(s)")
+    daemon(cli, tiny_model, tmp_path / "work", "--pooling", "mean-std")
+    out = tmp_path / "out"
+    exported = cli("export", "--out", str(out)).stdout
+    vectors = json.loads((out / "audio_vectors.json").read_text())
+    assert {len(v[0]) for v in vectors.values()} == {2 * TINY_HIDDEN}
+    specs = json.loads((out / "audio_specs.json").read_text())
+    assert "keys" not in specs
+    (only,) = specs["specs"]
+    assert only["id"] == command.split()[-1] and only["vectors"] == 2
+    assert f"2 vector(s): {only['description']}" in exported
+
+
+@pytest.fixture
+def mixed(db_url: str) -> tuple[Engine, EmbedSpec, EmbedSpec]:
+    """Two specs' vectors in one database (as two daemons started together could
+    make), plus an adopted one."""
+    engine = connect(db_url)
+    a, b = spec("model-a"), spec("model-b", layer=1)
+    register(engine, a)
+    register(engine, b)
+    add_done(engine, {"a1": (a.id, "model-a"), "b1": (b.id, "model-b"), "a2": (a.id, "model-a")})
+    add_done(engine, {"old": (None, "adopted")})
+    return engine, a, b
+
+
+def test_export_refuses_a_mix_unless_told(
+    mixed: tuple[Engine, EmbedSpec, EmbedSpec], cli: Cli, tmp_path: Path
+) -> None:
+    _, a, b = mixed
+    for fmt in ("json", "npz", "parquet"):
+        refused = cli("export", "--out", str(tmp_path / fmt), "--format", fmt, ok=False)
+        assert refused.exit_code == 1
+        (line,) = refused.stderr.splitlines()
+        assert "made 2 different ways: 2 of model-a" in line and "1 of model-b" in line
+        assert "--mixed-specs" in line and "--spec ID" in line
+        assert not (tmp_path / fmt).exists() or not list((tmp_path / fmt).iterdir())
+
+    # one spec: only its vectors (the adopted one is not of it)
+    cli("export", "--out", str(tmp_path / "a"), "--spec", a.id)
+    assert set(json.loads((tmp_path / "a" / "audio_vectors.json").read_text())) == {"a1", "a2"}
+
+    # all of them, each vector's spec beside it, in every format
+    run = cli("export", "--out", str(tmp_path / "all"), "--mixed-specs")
+    assert "mixes 3 embedding specs" in run.stderr
+    specs = json.loads((tmp_path / "all" / "audio_specs.json").read_text())
+    assert [(s["label"], s["vectors"]) for s in specs["specs"]] == [
+        (a.id, 2),
+        ("adopted", 1),
+        (b.id, 1),
+    ]
+    assert specs["keys"] == {"a1": a.id, "b1": b.id, "a2": a.id, "old": "adopted"}
+
+    cli("export", "--out", str(tmp_path / "npz"), "--format", "npz", "--mixed-specs")
+    with np.load(tmp_path / "npz" / "vectors.npz") as npz:
+        labels = [s["label"] for s in json.loads(str(npz["specs_json"]))]
+        by_key = dict(zip(npz_keys(npz), (labels[i] for i in npz["spec_index"]), strict=True))
+    assert by_key == specs["keys"]
+
+    cli("export", "--out", str(tmp_path / "pq"), "--format", "parquet", "--mixed-specs")
+    table = pq.read_table(tmp_path / "pq" / "vectors.parquet")
+    assert (
+        dict(zip(table["key"].to_pylist(), table["embed_spec"].to_pylist(), strict=True))
+        == (specs["keys"])
+    )
+    metadata = json.loads(table.schema.metadata[b"runner.embed_specs"])
+    assert [s["label"] for s in metadata] == labels
+
+
+def test_adopted_and_legacy_vectors_beside_one_spec_export(
+    db_url: str, cli: Cli, tmp_path: Path
+) -> None:
+    """Not a mix: adopted vectors (no spec at all) and legacy vectors of the spec's
+    own model are exported, each named in audio_specs.json."""
+    engine = connect(db_url)
+    mine = spec("m")
+    register(engine, mine)
+    add_done(engine, {"new": (mine.id, "m"), "legacy": (None, "m"), "old": (None, "adopted")})
+    out = cli("export", "--out", str(tmp_path / "out")).stdout
+    assert "1 vector(s): m (made before specs were recorded" in out
+    specs = json.loads((tmp_path / "out" / "audio_specs.json").read_text())
+    assert specs["keys"] == {"new": mine.id, "legacy": "unrecorded:m", "old": "adopted"}
+    # a legacy vector of another model is a mix
+    with engine.begin() as conn:
+        conn.execute(
+            update(jobs_table).where(jobs_table.c.key == "legacy").values(model_id="other")
+        )
+    refused = cli("export", "--out", str(tmp_path / "again"), ok=False)
+    assert "other (made before specs were recorded" in refused.stderr
