@@ -17,14 +17,15 @@ HuBERT, WavLM and Data2VecAudio; tests run a tiny random checkpoint of each.
 `layer` picks the hidden state: -1 (the default) or the number of layers is the
 model's output; 0 is the input of the first transformer layer (the feature
 projection with its positional convolution); N the output of layer N.  For a layer
-below the last the encoder is cut after layer N+1 (its input is what we keep), so
-the later layers cost nothing.
+below the last the encoder is cut after layer N+1 and the forward pass stops at
+that layer's input (what we keep), so the later layers cost nothing.
 
 CPU and CUDA run the same code; the device and dtype switch it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -150,8 +151,10 @@ class Embedder:
         layers = _encoder_layers(model, model_id)
         self.layers = len(layers)
         self.layer = _resolve_layer(layer, self.layers, model_id)
-        #: a hidden state below the last: read at the input of layer `layer`
+        #: a hidden state below the last: read at the input of layer `layer`, where
+        #: the forward pass stops (a compiled model runs that layer to the end)
         self._captured: list[torch.Tensor] = []
+        self._stop_early = not compile_model
         if self.layer < self.layers:
             model.encoder.layers = torch.nn.ModuleList(list(layers)[: self.layer + 1])
             model.encoder.layers[self.layer].register_forward_pre_hook(
@@ -190,6 +193,8 @@ class Embedder:
 
     def _capture(self, _module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         self._captured.append(args[0] if args else kwargs["hidden_states"])
+        if self._stop_early:
+            raise _Captured
 
     def batch_key(self, n_samples: int) -> int:
         """Windows may share a batch only if their batch keys are equal."""
@@ -225,8 +230,9 @@ class Embedder:
         if self.layer == self.layers:
             return self.model(values, **kwargs).last_hidden_state
         self._captured.clear()
-        try:
+        with contextlib.suppress(_Captured):
             self.model(values, **kwargs)
+        try:
             return self._captured[-1]
         finally:
             self._captured.clear()
@@ -256,6 +262,10 @@ class Embedder:
             )
             for i in range(len(windows))
         ]
+
+
+class _Captured(Exception):
+    """Raised by the hook that read the chosen hidden state: nothing after it is needed."""
 
 
 def _load_encoder(model_id: str, dtype: torch.dtype) -> Any:
