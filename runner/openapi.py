@@ -244,7 +244,12 @@ SCHEMAS: dict[str, Any] = {
                 "additionalProperties": True,
             },
             "specs": {
-                "description": "The embedding specs of stored vectors, with counts.",
+                "type": "array",
+                "description": "The embedding specs daemons have started with "
+                "(runner/spec.py), oldest first: id, description, spec (model, "
+                "fingerprint, layer, layers, pooling, dtype, dim, family).  Not counted: "
+                "that would read every done row; `runner export` prints the counts.",
+                "items": {"type": "object"},
             },
         },
         "additionalProperties": True,
