@@ -6,9 +6,9 @@ is a GROUP BY over the whole table (about 50 ms for a million jobs on SQLite), s
 daemon that did it every second for its bar spent 5 % of a core doing nothing.
 `HeadlineCache` is shared by the bar, `/metrics` and `/status` of one daemon: it
 re-reads only once the figures are older than a time-to-live that grows with what
-a read costs (`COUNT_BUDGET`: reading takes at most half a percent of one core),
-so a small database is read afresh every time and a million jobs every ten seconds
-or so.
+a read costs (`COUNT_BUDGET`: reading takes at most a quarter of a percent of one
+core), so a small database is read afresh every time and a million jobs every 25
+seconds or so (never less often than every `MAX_TTL_S`).
 
 Nothing is kept in the database for it (no counter rows): with many daemons on
 PostgreSQL, one counter row that every claim and every finish updates would
@@ -33,12 +33,13 @@ from runner.rates import Rate, best_rate, eta_s, window_rate
 
 #: rate windows, label -> seconds; the ETA uses the first with any finished job
 WINDOWS = {"5m": 300.0, "60m": 3600.0}
-#: the share of one core that re-reading the headline may take, at most
-COUNT_BUDGET = 0.005
+#: the share of one core that re-reading the headline may take, at most (a quarter
+#: of a percent: an idle daemon's other work, its claim polls, needs the rest of 2 %)
+COUNT_BUDGET = 0.0025
 #: bounds of the cache's time-to-live, seconds: none at all for a small database
-#: (figures as fresh as before), at most half a minute for a huge or slow one
+#: (figures as fresh as before), at most a minute for a huge or slow one
 MIN_TTL_S = 0.0
-MAX_TTL_S = 30.0
+MAX_TTL_S = 60.0
 
 
 def worked_on(now: float, since: float) -> tuple[Any, ...]:

@@ -44,6 +44,10 @@ class SlidingRate:
         audio_s = sum(e[2] for e in self._events)
         return window_rate(videos, audio_s, window_s=self.window_s, now=now, since=self.started)
 
+    def finished_since(self, since: float) -> int:
+        """Videos finished after `since` (within the window)."""
+        return sum(e[1] for e in self._events if e[0] > since)
+
     def per_s(self, now: float) -> tuple[float, float]:
         """(videos/s, audio-s/s); the window is shorter while the daemon is young."""
         rate = self.rate(now)
@@ -94,7 +98,15 @@ class Progress:
         if bar_file is not None:
             from tqdm import tqdm
 
-            self._bar = tqdm(file=bar_file, unit="video", dynamic_ncols=True, leave=True)
+            # tqdm's own rate and ETA are left out: it would divide the jump from 0 to
+            # the database's count by the seconds since start (a million videos/s)
+            self._bar = tqdm(
+                file=bar_file,
+                unit="video",
+                dynamic_ncols=True,
+                leave=True,
+                bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{postfix}]",
+            )
 
     @property
     def has_bar(self) -> bool:
@@ -110,7 +122,10 @@ class Progress:
             log.info("progress: %s", line)
             return line
         self._bar.total = headline.total
-        self._bar.n = headline.finished
+        # between reads of the counts (every ~25 s at a million jobs) the bar still
+        # moves with what this daemon finished since they were read
+        own = self.rate.finished_since(headline.now)
+        self._bar.n = min(headline.total, headline.finished + own)
         self._bar.set_postfix_str(speed, refresh=False)
         self._bar.set_description_str(states, refresh=False)
         self._bar.refresh()

@@ -78,7 +78,20 @@ def test_bar_shows_finished_out_of_total() -> None:
     assert "0.10 videos/s, 5.0 audio-h/h" in line
     text = out.getvalue()
     assert "12/46" in text
+    # tqdm's own rate and ETA (the jump from 0 to the count over seconds) are not shown
+    assert "video/s" not in text and "<" not in text
     assert "pending 30, running 4, done 10, failed 2" in text
+
+
+def test_bar_moves_with_own_finishes_between_reads_of_the_counts() -> None:
+    out = io.StringIO()
+    progress = Progress(started=0.0, window_s=300.0, bar_file=out)
+    figures = headline(COUNTS, 20, 1000.0, 200.0)  # read at now=1000
+    progress.record([done(1, 60.0)], now=990.0)  # before the read: already counted
+    progress.record([done(2, 60.0), done(3, 40.0)], now=1010.0)
+    progress.show(figures)
+    progress.close()
+    assert "14/46" in out.getvalue()
 
 
 def test_own_rate_feeds_from_outcomes() -> None:

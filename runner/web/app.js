@@ -231,7 +231,7 @@ function renderSpec(r) {
   }
   const models = (r.throughput && r.throughput.models) || [];
   if (models.length) {
-    parts.push(el("p", {}, "Models of jobs done in the last hours: ",
+    parts.push(el("p", {}, "Models of jobs done in the last hour: ",
       ...models.flatMap((m, i) => [i ? "; " : "", el("code", {}, m.model_id), ` (${fmtInt(m.done)})`])));
   }
   if (r.daemon && r.daemon.model_id) {
