@@ -66,6 +66,15 @@ jobs = Table(
     Index("ix_jobs_status_id", "status", "id"),
     Index("ix_jobs_finished_at", "finished_at"),
     Index("ix_jobs_url_hash", "url_hash", "status"),
+    # done rows only: the spec guard and per-spec counts without reading vectors
+    Index(
+        "ix_jobs_done_spec",
+        "status",
+        "embed_spec",
+        "model_id",
+        sqlite_where=text("status = 'done'"),
+        postgresql_where=text("status = 'done'"),
+    ),
     Index(
         "ux_jobs_running_url",
         "url_hash",

@@ -184,8 +184,7 @@ def foreign_done(spec_id: str, legacy: str | None) -> Any:
         func.coalesce(jobs.c.model_id, "").not_in([ADOPTED, legacy or ADOPTED]),
     )
     return and_(
-        jobs.c.status == DONE,
-        jobs.c.vector.is_not(None),
+        jobs.c.status == DONE,  # a done job always has its vector
         or_(and_(jobs.c.embed_spec.is_not(None), jobs.c.embed_spec != spec_id), unrecorded),
     )
 

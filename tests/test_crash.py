@@ -19,7 +19,12 @@ MIX = ["long.mp4", "stereo.mp4", "song.mp3", "clip.webm", "surround.mp4", "voice
 
 
 def corpus(server: MediaServer, n: int) -> dict:
-    return {f"v{i:03d}": {"url": server.url(f"media/{MIX[i % len(MIX)]}")} for i in range(n)}
+    """`n` keys over a few clips, each key at its own URL (the query differs), so each
+    is fetched on its own: keys of one URL would share a single fetch."""
+    return {
+        f"v{i:03d}": {"url": server.url(f"media/{MIX[i % len(MIX)]}?key=v{i:03d}")}
+        for i in range(n)
+    }
 
 
 def start_daemon(db_url: str, model: Path, workdir: Path, *extra: str) -> subprocess.Popen:
