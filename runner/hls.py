@@ -90,9 +90,19 @@ def _parse(text: str) -> m3u8.M3U8:
         raise DownloadError(f"unreadable HLS playlist: {type(exc).__name__}") from None
 
 
-async def parse(text: str) -> m3u8.M3U8:
+async def parse(text: str, limits: DownloadLimits) -> m3u8.M3U8:
     """Parsed off the event loop: a playlist of tens of thousands of segments takes
-    long enough to stall every other download."""
+    long enough to stall every other download.
+
+    Entries are counted first, in C: the parser spends about a kilobyte on each,
+    so a 4 MiB playlist of one-line segments would cost a few hundred MB before
+    its length could be refused.
+    """
+    entries = text.count("#EXTINF") + text.count("#EXT-X-STREAM-INF")
+    if entries > limits.max_segments:
+        raise DownloadError(
+            f"HLS playlist lists {entries} segments, over the limit of {limits.max_segments}"
+        )
     return await asyncio.to_thread(_parse, text)
 
 
@@ -198,6 +208,8 @@ def _iv(key: Any, media_sequence: int) -> bytes:
     """The key's IV attribute, or the segment's media sequence number as a 16-byte
     big-endian integer (RFC 8216 5.2)."""
     if not key.iv:
+        if not 0 <= media_sequence < 1 << 128:
+            raise DownloadError(f"HLS playlist has an unusable media sequence: {media_sequence}")
         return media_sequence.to_bytes(16, "big")
     text = str(key.iv)
     digits = text[2:] if text[:2] in ("0x", "0X") else text
@@ -334,7 +346,7 @@ async def _fetch_media_playlist(transfer: Transfer, url: URL) -> tuple[m3u8.M3U8
         body = transfer.body(response)
         text = await read_playlist(body, b"", transfer.limits)
         final_url = response.url
-    return await parse(text), final_url
+    return await parse(text, transfer.limits), final_url
 
 
 async def fetch(transfer: Transfer, playlist_url: URL, text: str, dest: Path) -> int:
@@ -342,7 +354,7 @@ async def fetch(transfer: Transfer, playlist_url: URL, text: str, dest: Path) ->
     into `dest`; returns the bytes written.  A master playlist is followed to one
     media playlist, chosen by `choose`."""
     transfer.part = ""  # messages about a playlist's content say "HLS" themselves
-    playlist = await parse(text)
+    playlist = await parse(text, transfer.limits)
     if playlist.is_variant:
         media_url = choose(playlist, playlist_url)
         playlist, playlist_url = await _fetch_media_playlist(transfer, media_url)

@@ -372,6 +372,27 @@ def test_playlist_size_and_segment_count_are_capped(hls: HlsServer, tmp_path: Pa
     assert str(error) == "HLS playlist lists 3 segments, over the limit of 2"
 
 
+def test_hostile_playlists_are_refused_before_they_cost_memory_or_crash(
+    hls: HlsServer, tmp_path: Path
+) -> None:
+    """300,000 one-line segments in under 4 MiB: counted before the parser, which
+    spends about a kilobyte on each (a review measured +336 MB to refuse it after).
+    A media sequence no 16-byte IV can hold is a failure of the job, not an
+    unexpected error."""
+    flood = "#EXTM3U\n#EXT-X-TARGETDURATION:1\n" + "#EXTINF:1,\na\n" * 300_000
+    (hls.root / "flood.m3u8").write_text(flood + "#EXT-X-ENDLIST\n")
+    error = fails(hls.url("flood.m3u8"), tmp_path)
+    assert str(error) == "HLS playlist lists 300000 segments, over the limit of 30000"
+    for sequence in ("-1", str(1 << 128)):
+        (hls.root / "sequence.m3u8").write_text(
+            f"#EXTM3U\n#EXT-X-TARGETDURATION:2\n#EXT-X-MEDIA-SEQUENCE:{sequence}\n"
+            '#EXT-X-KEY:METHOD=AES-128,URI="k.key"\n#EXTINF:2,\nplain/s0.ts\n#EXT-X-ENDLIST\n'
+        )
+        error = fails(hls.url("sequence.m3u8"), tmp_path)
+        assert type(error) is DownloadError and not error.transient
+        assert str(error) == f"HLS playlist has an unusable media sequence: {sequence}"
+
+
 def test_rate_floor_spans_the_whole_stream(hls: HlsServer, tmp_path: Path) -> None:
     """Each segment arrives 0.4 s late: no single response lasts a stall window, but
     the stream as a whole is under the floor and is cut as a slow download is."""
