@@ -34,6 +34,7 @@ import ipaddress
 import json
 import logging
 import math
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -62,6 +63,7 @@ from runner.errors import (
     Stopping,
     UrlRefusedError,
 )
+from runner.headline import FRESH_BELOW_JOBS
 from runner.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from runner.models import jobs as jobs_table
 from runner.openapi import document
@@ -336,29 +338,76 @@ async def healthz(request: web.Request) -> web.Response:
     return _json({"ok": True, "stopping": daemon.stopping})
 
 
+#: /status computes at least this many failure reasons and slices: one cached report
+#: serves the page (10) and scripts (5 by default) alike
+REPORT_TOP = 10
+
+
 @dataclass
 class _Reports:
-    """/status reports by `top`, kept for a time-to-live that grows with what one
-    costs (at most 2 % of a core spent answering), so open pages and scripts polling
-    a big database share one report instead of each costing a full read."""
+    """/status reports, kept for a time-to-live that grows with what one costs (at
+    most 2 % of a core spent answering), so open pages and scripts polling a big
+    database share one report instead of each costing a full read.
+
+    A report that took long to make (`slow_s`: a million jobs) is served a while
+    past its time-to-live, up to `stale_s`, while a thread makes the next one, so
+    polling callers never wait for it; the API also makes the first one as it
+    starts.  Databases under `fresh_below_jobs` are read afresh for every caller.
+    """
 
     budget: float = 0.02
     min_ttl_s: float = 0.0
     max_ttl_s: float = 15.0
-    kept: dict[int, tuple[float, dict[str, Any]]] = field(default_factory=dict)
+    slow_s: float = 0.1
+    stale_s: float = 60.0
+    fresh_below_jobs: int = FRESH_BELOW_JOBS
+    #: top -> (fresh until, usable until, report)
+    kept: dict[int, tuple[float, float, dict[str, Any]]] = field(default_factory=dict)
+    _refreshing: set[int] = field(default_factory=set)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def get(self, daemon: DaemonHandle, top: int) -> dict[str, Any]:
+        wanted = max(top, REPORT_TOP)
         now = time.time()
-        hit = self.kept.get(top)
+        hit = self.kept.get(wanted)
         if hit is not None and now < hit[0]:
-            return hit[1]
+            report = hit[2]
+        elif hit is not None and now < hit[1]:
+            self._refresh_later(daemon, wanted)
+            report = hit[2]
+        else:
+            report = self._make(daemon, wanted)
+        return report | {"top_failures": report["top_failures"][:top]}
+
+    def _make(self, daemon: DaemonHandle, top: int) -> dict[str, Any]:
+        now = time.time()
         started = time.perf_counter()
         headline = daemon.headlines.get(daemon.engine)
         report = read_status(daemon.engine, now=now, top=top, headline=headline)
         cost_s = time.perf_counter() - started
         ttl_s = min(self.max_ttl_s, max(self.min_ttl_s, cost_s / self.budget))
-        self.kept[top] = (now + ttl_s, report)
+        usable_s = max(ttl_s, self.stale_s) if cost_s >= self.slow_s else ttl_s
+        if report["total"] < self.fresh_below_jobs:  # cheap: afresh for every caller
+            ttl_s = usable_s = 0.0
+        self.kept[top] = (now + ttl_s, now + usable_s, report)
         return report
+
+    def _refresh_later(self, daemon: DaemonHandle, top: int) -> None:
+        with self._lock:
+            if top in self._refreshing:
+                return
+            self._refreshing.add(top)
+
+        def refresh() -> None:
+            try:
+                self._make(daemon, top)
+            except Exception:
+                log.exception("making a /status report failed")
+            finally:
+                with self._lock:
+                    self._refreshing.discard(top)
+
+        threading.Thread(target=refresh, name="runner-status-report", daemon=True).start()
 
 
 REPORTS = web.AppKey("reports", _Reports)
@@ -720,12 +769,24 @@ async def serve_api(daemon: DaemonHandle, config: ApiConfig) -> AsyncIterator[st
         host, port = app_runner.addresses[0][:2]
         daemon.api_url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
         log.info("HTTP API listening on %s", daemon.api_url)
+        # the first report, made now rather than by the first caller (at a million
+        # jobs it takes a few tenths of a second)
+        warm = asyncio.get_running_loop().run_in_executor(
+            None, app_runner.app[REPORTS].get, daemon, REPORT_TOP
+        )
+        warm.add_done_callback(_log_failure)
         yield daemon.api_url
     finally:
         daemon.abandon_adhoc("the daemon is stopping")
         await app_runner.cleanup()
         if session is not None:
             await session.close()
+
+
+def _log_failure(future: asyncio.Future[Any]) -> None:
+    """A background report that failed is logged, not left for asyncio to complain of."""
+    if not future.cancelled() and future.exception() is not None:
+        log.warning("the first /status report failed: %s", future.exception())
 
 
 def api_service(config: ApiConfig) -> Callable[[DaemonHandle], Any]:

@@ -40,6 +40,9 @@ COUNT_BUDGET = 0.0025
 #: (figures as fresh as before), at most a minute for a huge or slow one
 MIN_TTL_S = 0.0
 MAX_TTL_S = 60.0
+#: tables smaller than this are read afresh every time (a few milliseconds), so a
+#: slow first read (a cold cache, a busy machine) never makes small figures stale
+FRESH_BELOW_JOBS = 100_000
 
 
 def worked_on(now: float, since: float) -> tuple[Any, ...]:
@@ -143,10 +146,12 @@ class HeadlineCache:
         budget: float = COUNT_BUDGET,
         min_ttl_s: float = MIN_TTL_S,
         max_ttl_s: float = MAX_TTL_S,
+        fresh_below_jobs: int = FRESH_BELOW_JOBS,
         clock: Callable[[], float] = time.time,
         timer: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.budget, self.min_ttl_s, self.max_ttl_s = budget, min_ttl_s, max_ttl_s
+        self.fresh_below_jobs = fresh_below_jobs
         self._clock, self._timer = clock, timer
         self._lock = threading.Lock()
         self._last: Headline | None = None
@@ -171,6 +176,8 @@ class HeadlineCache:
             headline = read_headline_now(engine, now=now)
             self.read_cost_s = self._timer() - started
             self.ttl_s = min(self.max_ttl_s, max(self.min_ttl_s, self.read_cost_s / self.budget))
+            if headline.total < self.fresh_below_jobs:
+                self.ttl_s = 0.0
             self._last, self._expires_at = headline, now + self.ttl_s
             self.reads += 1
             return headline

@@ -249,11 +249,18 @@ def test_headline_cache_rereads_after_a_ttl_that_grows_with_the_cost(engine: Eng
         return cost[0] * (next(ticks) % 2)
 
     cache = HeadlineCache(
-        budget=0.01, min_ttl_s=1.0, max_ttl_s=30.0, clock=lambda: clock[0], timer=timer
+        budget=0.01,
+        min_ttl_s=1.0,
+        max_ttl_s=30.0,
+        fresh_below_jobs=0,
+        clock=lambda: clock[0],
+        timer=timer,
     )
     first = cache.get(engine)
     assert first.counts[Status.PENDING] == 2 and cache.reads == 1 and cache.ttl_s == 1.0
-    assert HeadlineCache().min_ttl_s == 0.0  # by default a small database is never stale
+    small = HeadlineCache()  # by default a small table is read afresh every time
+    small.get(engine)
+    assert small.ttl_s == 0.0 and small.get(engine) is not small.get(engine)
     add_jobs(engine, ["c"], now=NOW)
     clock[0] = NOW + 0.5
     assert cache.get(engine) is first and cache.reads == 1  # within the TTL: not counted again

@@ -26,7 +26,7 @@ from runner.db import connect
 from runner.status import format_duration
 from runner.web import PAGE_FILES
 from tests.api_server import ApiServer, daemon_config, request, run_api_server
-from tests.chromium import open_page
+from tests.chromium import Page, open_page
 from tests.test_export_formats import add_jobs, finish
 
 REPO = Path(__file__).resolve().parent.parent
@@ -181,6 +181,14 @@ def test_page_in_a_headless_browser_matches_status(
         proc.stderr.close()
 
 
+async def reload(page: Page, state: str) -> None:
+    """Reload and wait for the new document (not the old one) to reach `state`."""
+    await page.evaluate("window.oldDocument = true; location.reload(); true")
+    await page.wait_for(
+        f"!window.oldDocument && document.body && document.body.dataset.state === '{state}'"
+    )
+
+
 async def _browse(base: str) -> None:
     async with open_page() as page:
         # no token yet: the page asks for it, once
@@ -211,8 +219,7 @@ async def _browse(base: str) -> None:
 
         # kept for the tab: a reload asks for nothing
         assert await page.evaluate("sessionStorage.getItem('runner-api-token')") == TOKEN
-        await page.evaluate("document.body.dataset.state = 'reloading'; location.reload(); true")
-        await page.wait_for("document.body && document.body.dataset.state === 'ready'")
+        await reload(page, "ready")
         assert await page.evaluate("document.getElementById('token-form').hidden") is True
 
         # at phone width nothing sticks out sideways (wide tables scroll in their box)
@@ -223,15 +230,13 @@ async def _browse(base: str) -> None:
             deviceScaleFactor=2,
             mobile=True,
         )
-        await page.evaluate("location.reload(); true")
-        await page.wait_for("document.body && document.body.dataset.state === 'ready'")
+        await reload(page, "ready")
         width = await page.evaluate("document.documentElement.scrollWidth")
         assert width <= 375, width
 
         # a wrong token is forgotten and asked for again
         await page.evaluate("sessionStorage.setItem('runner-api-token', 'wrong'); true")
-        await page.evaluate("location.reload(); true")
-        await page.wait_for("document.body && document.body.dataset.state === 'token'")
+        await reload(page, "token")
         assert "refused" in await page.evaluate(
             "document.getElementById('token-error').textContent"
         )
@@ -243,3 +248,27 @@ async def _browse(base: str) -> None:
         assert all(TOKEN not in r["url"] for r in sent)
         status_calls = [r for r in sent if "/status" in r["url"]]
         assert any(r["headers"].get("Authorization") == f"Bearer {TOKEN}" for r in status_calls)
+
+
+def test_a_slow_report_is_served_while_the_next_is_made(plain_api: ApiServer) -> None:
+    """At a million jobs a report takes tenths of a second: callers get the last one
+    (past its TTL, within `stale_s`) while a thread makes the next."""
+    from runner.api import _Reports
+
+    daemon = plain_api.daemon
+    # TTL ~0 and every report "slow": each get after the first is served stale
+    reports = _Reports(budget=1e9, slow_s=0.0, stale_s=60.0, fresh_below_jobs=0)
+    first = reports.get(daemon, 3)
+    total = first["total"]
+    engine = connect(plain_api.db_url)
+    try:
+        add_jobs(engine, [f"stale-{i}" for i in range(3)], now=time.time())
+    finally:
+        engine.dispose()
+    served = reports.get(daemon, 3)  # the kept one, at once; a new one is on its way
+    assert served["total"] == total
+    deadline = time.monotonic() + 10
+    while reports.get(daemon, 3)["total"] != total + 3:
+        assert time.monotonic() < deadline, "the next report never came"
+        time.sleep(0.02)
+    assert len(reports.get(daemon, 0)["top_failures"]) == 0  # one report, sliced per top
