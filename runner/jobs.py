@@ -42,6 +42,7 @@ import numpy as np
 from sqlalchemy import (
     Connection,
     Engine,
+    Integer,
     Select,
     Text,
     Update,
@@ -55,7 +56,8 @@ from sqlalchemy import (
     tuple_,
 )
 from sqlalchemy import update as sql_update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.dialects.postgresql import BIT
+from sqlalchemy.exc import IntegrityError, OperationalError
 
 from runner.dbclock import clock
 from runner.errors import JobStateError
@@ -195,9 +197,13 @@ def claim(
         conditions.append(jobs.c.host.is_(None) | jobs.c.host.not_in(list(skip_hosts)))
     if exclude_ids:
         conditions.append(jobs.c.id.not_in(list(exclude_ids)))
+    if engine.dialect.name == "postgresql":
+        conditions.append(_url_try_lock())
     for _ in range(CLAIM_TRIES):
         try:
             with engine.begin() as conn:
+                if engine.dialect.name == "postgresql":
+                    conn.exec_driver_sql(f"SET LOCAL lock_timeout = '{CLAIM_LOCK_WAIT_MS}ms'")
                 due = _candidates(conditions, limit).with_only_columns(jobs.c.id)
                 _share_finished(conn, targets=due)
                 rows = conn.execute(
@@ -208,7 +214,39 @@ def claim(
             # Another daemon claimed a key of the same URL in the same instant; the
             # unique index refused ours.  Its row is committed now: claim again.
             continue
+        except OperationalError as exc:
+            if getattr(exc.orig, "sqlstate", None) not in _CLAIM_AGAIN_SQLSTATES:
+                raise
     return []
+
+
+#: deadlock detected, serialization failure, lock wait timed out: the claim's
+#: transaction was rolled back whole, so claiming again is safe
+_CLAIM_AGAIN_SQLSTATES = frozenset({"40P01", "40001", "55P03"})
+
+#: PostgreSQL: the longest a claim waits for a lock.  A claim can wait on another
+#: transaction's change to the unique index of running URLs while that one waits
+#: for a row the claim locked (FOR UPDATE keeps a row that a recheck then drops).
+#: Well under deadlock_timeout (1 s), so the claim, which is cheap to retry, is
+#: the one that gives way, never a store, release or reaper.
+CLAIM_LOCK_WAIT_MS = 200
+
+#: the first key of PostgreSQL's two-int advisory locks: runner's URL locks (the
+#: second key is 32 bits of the url_hash), apart from the one-bigint lock space
+URL_LOCK_SPACE = 0x72756E  # "run"
+
+
+def _url_try_lock() -> Any:
+    """PostgreSQL: this claim holds the URL until it commits, or skips its keys.
+
+    FOR UPDATE SKIP LOCKED locks rows, not URLs: two daemons could each read other
+    keys of the same URLs and insert into the unique index of running URLs in
+    opposite orders, each waiting for the other's uncommitted entry (a deadlock).
+    A try-lock per URL never waits; a URL another claim holds is skipped like a
+    locked row.  Two URLs sharing 32 bits only make one wait a poll.
+    """
+    key = cast(cast(literal("x") + func.substr(jobs.c.url_hash, 1, 8), BIT(32)), Integer)
+    return jobs.c.url_hash.is_(None) | func.pg_try_advisory_xact_lock(URL_LOCK_SPACE, key)
 
 
 #: claims that collide with another daemon's on one URL (an IntegrityError each)
