@@ -26,7 +26,7 @@ from runner.db import connect
 from runner.status import format_duration
 from runner.web import PAGE_FILES
 from tests.api_server import ApiServer, daemon_config, request, run_api_server
-from tests.chromium import Page, open_page
+from tests.chromium import Page, find_chromium, open_page, unavailable
 from tests.test_export_formats import add_jobs, finish
 
 REPO = Path(__file__).resolve().parent.parent
@@ -166,6 +166,8 @@ PAGE_NUMBERS = """JSON.stringify({
 def test_page_in_a_headless_browser_matches_status(
     tmp_path: Path, tiny_model: Path, cli: object
 ) -> None:
+    if find_chromium() is None:  # before starting anything
+        unavailable("no chromium on PATH")
     db_url = f"sqlite:///{tmp_path / 'runner.db'}"
     _fill(db_url)
     env = {k: v for k, v in os.environ.items() if k != "RUNNER_API_TOKEN"}
