@@ -204,12 +204,13 @@ def claim(
             with engine.begin() as conn:
                 if engine.dialect.name == "postgresql":
                     conn.exec_driver_sql(f"SET LOCAL lock_timeout = '{CLAIM_LOCK_WAIT_MS}ms'")
-                due = _candidates(conditions, limit).with_only_columns(jobs.c.id)
-                _share_finished(conn, targets=due)
                 rows = conn.execute(
                     _claim_statement(engine, conditions, limit, worker_id, at, lease_s)
                 ).all()
-            return sorted((_job(r, worker_id) for r in rows), key=lambda j: j.id)
+                # keys whose URL is done already take its vector instead of a fetch
+                served = _share_finished(conn, claimed_ids=[r.id for r in rows])
+            fetch = (_job(r, worker_id) for r in rows if r.id not in served)
+            return sorted(fetch, key=lambda j: j.id)
         except IntegrityError:
             # Another daemon claimed a key of the same URL in the same instant; the
             # unique index refused ours.  Its row is committed now: claim again.
@@ -294,37 +295,47 @@ _SHARED_END = (
 
 
 def _share_finished(
-    conn: Connection, *, source_ids: Collection[int] = (), targets: Select | None = None
-) -> int:
-    """Pending keys of a URL whose fetch ended take that end: one fetch serves them all.
+    conn: Connection, *, source_ids: Collection[int] = (), claimed_ids: Collection[int] = ()
+) -> set[int]:
+    """Keys of a URL whose fetch ended take that end: one fetch serves them all.
 
     `source_ids`: jobs that just ended (done or failed); their pending siblings
-    end the same way.  `targets`: pending jobs about to be claimed; those whose
-    URL is done already take its vector instead of being fetched again (a key
-    added after its URL was done).  Only keys of the same origin share: a URL an
+    end the same way.  `claimed_ids`: jobs this transaction just claimed; those
+    whose URL is done already take its vector instead of being fetched (a key
+    added after its URL was done).  Done after the claim, on its few rows, so an
+    idle poll costs no second scan.  Only keys of the same origin share: a URL an
     API caller queued is fetched guarded, so neither its refusal nor an unguarded
     fetch's vector may cross over.  Their own rows stay, with their own keys,
-    metadata and tries.  Returns how many keys took an end.
+    metadata and tries.  Returns the ids of the keys that took an end.
     """
+    if not (source_ids or claimed_ids):
+        return set()
     src = jobs.alias("src")
     terms = [
-        jobs.c.status == Status.PENDING.value,
         jobs.c.url_hash == src.c.url_hash,
         jobs.c.id != src.c.id,
         func.coalesce(jobs.c.origin, "") == func.coalesce(src.c.origin, ""),
     ]
-    if targets is not None:
-        terms += [jobs.c.id.in_(targets.scalar_subquery()), src.c.status == Status.DONE.value]
-    else:
-        if not source_ids:
-            return 0
+    if claimed_ids:
         terms += [
+            jobs.c.id.in_(list(claimed_ids)),
+            jobs.c.status == Status.RUNNING.value,
+            src.c.status == Status.DONE.value,
+        ]
+    else:
+        terms += [
+            jobs.c.status == Status.PENDING.value,
             src.c.id.in_(list(source_ids)),
             src.c.status.in_([Status.DONE.value, Status.FAILED.value]),
         ]
     values: dict[str, Any] = {name: src.c[name] for name in _SHARED_END}
-    stmt = sql_update(jobs).where(*terms).values(**values, lease_expires_at=None, not_before=None)
-    return int(conn.execute(stmt).rowcount)
+    stmt = (
+        sql_update(jobs)
+        .where(*terms)
+        .values(**values, lease_expires_at=None, not_before=None)
+        .returning(jobs.c.id)
+    )
+    return set(conn.execute(stmt).scalars())
 
 
 def _share_backoff(conn: Connection, source_ids: Collection[int]) -> None:
