@@ -33,7 +33,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from runner import maintenance
 from runner.errors import RunnerError
 from runner.jobs import Status
-from runner.models import jobs
+from runner.models import ADOPTED, jobs
 from runner.urls import host_of
 
 VECTORS_FILE = "audio_vectors.json"
@@ -52,9 +52,6 @@ T = TypeVar("T")
 #
 # The rules every statement below carries in its WHERE clause: a job done in the
 # database is never overwritten, and a running job belongs to its worker.
-
-#: model_id of adopted vectors and error_class of adopted failures
-ADOPTED = "adopted"
 
 
 @dataclass(frozen=True)

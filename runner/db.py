@@ -11,17 +11,27 @@ from __future__ import annotations
 import logging
 import weakref
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
+from sqlalchemy.exc import (
+    ArgumentError,
+    DBAPIError,
+    NoSuchModuleError,
+    OperationalError,
+)
 
 from runner.errors import RunnerError
+
+if TYPE_CHECKING:
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+#: The newest revision in migrations/versions (tests/test_migrations.py checks it is
+#: alembic's head).  A database already there is opened without importing alembic,
+#: a tenth of a second of every short command such as `runner status`.
+HEAD_REVISION = "0005"
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +40,8 @@ SQLITE_BUSY_TIMEOUT_MS = 300_000
 
 
 def alembic_config() -> Config:
+    from alembic.config import Config
+
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
     return cfg
@@ -152,12 +164,16 @@ def _server_engine(parsed: URL) -> Engine:
 
 
 def head_revision() -> str:
+    from alembic.script import ScriptDirectory
+
     head = ScriptDirectory.from_config(alembic_config()).get_current_head()
     assert head is not None
     return head
 
 
 def current_revision(engine: Engine) -> str | None:
+    from alembic.runtime.migration import MigrationContext
+
     with engine.connect() as conn:
         return MigrationContext.configure(conn).get_current_revision()
 
@@ -184,12 +200,33 @@ def _refuse_newer(script: ScriptDirectory, current: str | None) -> None:
         )
 
 
+def _at_head(engine: Engine) -> bool:
+    """The database is at HEAD_REVISION, read with one plain query (False when the
+    version table is missing or says anything else: alembic then decides)."""
+    try:
+        with engine.connect() as conn:
+            versions = conn.execute(text("SELECT version_num FROM alembic_version")).scalars()
+            return list(versions) == [HEAD_REVISION]
+    except OperationalError as exc:
+        if "no such table" in str(exc.orig):  # SQLite: a new database
+            return False
+        raise
+    except DBAPIError:  # PostgreSQL: no version table yet (undefined table)
+        return False
+
+
 def migrate(engine: Engine) -> None:
     """Upgrade to head in one locked transaction; refuse a database written by a
     newer runner.  An up-to-date database is only read, so no lock is taken."""
-    script = ScriptDirectory.from_config(alembic_config())
-    head = script.get_current_head()
     try:
+        if _at_head(engine):
+            return
+        from alembic import command
+        from alembic.runtime.migration import MigrationContext
+        from alembic.script import ScriptDirectory
+
+        script = ScriptDirectory.from_config(alembic_config())
+        head = script.get_current_head()
         with engine.connect() as conn:
             current = MigrationContext.configure(conn).get_current_revision()
             conn.rollback()

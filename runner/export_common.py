@@ -21,8 +21,7 @@ from sqlalchemy import Connection, Engine, func, select
 from runner.db import READ_ONLY
 from runner.errors import RunnerError
 from runner.jobs import Status
-from runner.models import jobs
-from runner.spec import ADOPTED
+from runner.models import ADOPTED, jobs
 
 #: rows per database round trip of a streamed query
 STREAM_ROWS = 500

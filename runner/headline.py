@@ -25,9 +25,8 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, case, func, or_, select
 
-from runner.adopt import ADOPTED
 from runner.jobs import Status
-from runner.models import jobs
+from runner.models import ADOPTED, jobs
 from runner.queries import count_by_status, reading
 from runner.rates import Rate, best_rate, eta_s, window_rate
 

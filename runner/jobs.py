@@ -36,9 +36,8 @@ import dataclasses
 import enum
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
 from sqlalchemy import (
     Connection,
     Engine,
@@ -56,11 +55,13 @@ from sqlalchemy import (
     tuple_,
 )
 from sqlalchemy import update as sql_update
-from sqlalchemy.dialects.postgresql import BIT
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from runner.dbclock import clock
 from runner.errors import JobStateError
+
+if TYPE_CHECKING:
+    import numpy as np
 from runner.models import jobs
 
 
@@ -246,6 +247,8 @@ def _url_try_lock() -> Any:
     A try-lock per URL never waits; a URL another claim holds is skipped like a
     locked row.  Two URLs sharing 32 bits only make one wait a poll.
     """
+    from sqlalchemy.dialects.postgresql import BIT  # PostgreSQL only: not on every import
+
     key = cast(cast(literal("x") + func.substr(jobs.c.url_hash, 1, 8), BIT(32)), Integer)
     return jobs.c.url_hash.is_(None) | func.pg_try_advisory_xact_lock(URL_LOCK_SPACE, key)
 
@@ -415,6 +418,8 @@ def start(engine: Engine, job: Job, *, now: float | None = None) -> Job:
 
 
 def complete(conn: Connection, job: Job, result: Result, *, now: float | None = None) -> None:
+    import numpy as np  # here, not at the top: `runner status` never stores a vector
+
     vector = np.ascontiguousarray(result.vector, dtype="<f4")
     if vector.ndim != 1 or not vector.size:
         raise ValueError(f"a result vector must be 1-D and non-empty, not {vector.shape}")

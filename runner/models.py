@@ -21,6 +21,10 @@ from sqlalchemy import (
 
 metadata = MetaData()
 
+#: model_id of vectors adopted from the old script's files, and error_class of its
+#: failures (runner/adopt.py); a plain constant here so readers need not import adopt
+ADOPTED = "adopted"
+
 #: One row per catalogue key.  Timestamps are unix seconds (float), so maintenance
 #: functions can take ``now`` as a plain number and tests never sleep.
 jobs = Table(

@@ -42,14 +42,12 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from runner.db import READ_ONLY
 from runner.errors import RunnerError
-from runner.models import embed_specs, jobs
+from runner.models import ADOPTED, embed_specs, jobs
 
 log = logging.getLogger(__name__)
 
 #: pooling over the L2-normalised frames: their mean; or mean and standard deviation
 POOLINGS = ("mean", "mean-std")
-#: model_id of vectors adopted from the old script's files (runner/adopt.py)
-ADOPTED = "adopted"
 #: files whose name and size identify a checkpoint's weights
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".json")
 #: files identified by their content: they change what the vectors are

@@ -145,3 +145,11 @@ def test_0005_hashes_urls_and_keeps_one_running_key_per_url(any_db_url: str) -> 
         "c": "running",
     }
     engine.dispose()
+
+
+def test_head_revision_constant_is_alembics_head() -> None:
+    """`migrate` trusts HEAD_REVISION to skip alembic on an up-to-date database: a
+    new migration must move it, or every command would think the database current."""
+    from runner.db import HEAD_REVISION
+
+    assert head_revision() == HEAD_REVISION
