@@ -280,6 +280,9 @@ def _candidates(conditions: list[Any], limit: int) -> Select:
     )
 
 
+#: keys that take one URL's end per transaction
+SHARE_CHUNK = 5_000
+
 #: what a key takes from a finished key of its URL: the vector and its facts, or the failure
 _SHARED_END = (
     "status",
@@ -314,6 +317,7 @@ def _share_finished(
     if not (source_ids or claimed_ids):
         return set()
     src = jobs.alias("src")
+    sibling = jobs.alias("sibling")
     terms = [
         jobs.c.url_hash == src.c.url_hash,
         jobs.c.id != src.c.id,
@@ -326,8 +330,15 @@ def _share_finished(
             src.c.status == Status.DONE.value,
         ]
     else:
+        of_sources = select(sibling.c.url_hash).where(sibling.c.id.in_(list(source_ids)))
+        chunk = (
+            select(jobs.c.id)
+            .where(jobs.c.status == Status.PENDING.value, jobs.c.url_hash.in_(of_sources))
+            .limit(SHARE_CHUNK)
+        )
         terms += [
             jobs.c.status == Status.PENDING.value,
+            jobs.c.id.in_(chunk.scalar_subquery()),
             src.c.id.in_(list(source_ids)),
             src.c.status.in_([Status.DONE.value, Status.FAILED.value]),
         ]
@@ -514,8 +525,15 @@ def store_outcomes(
                 lost.append(outcome)
         lost_ids = {id(o) for o in lost}
         stored = [o for o in outcomes if id(o) not in lost_ids]
-        _share_finished(conn, source_ids=[o.job.id for o in stored if o.finishes_job])
+        finished = [o.job.id for o in stored if o.finishes_job]
+        shared = _share_finished(conn, source_ids=finished)
         _share_backoff(conn, [o.job.id for o in stored if o.kind == "retry" and o.failure])
+    # A URL listed under very many keys: the rest of its keys in transactions of
+    # their own, so no single write holds the database for long (a review measured
+    # a minute for a million keys in one).
+    while len(shared) >= SHARE_CHUNK:
+        with engine.begin() as conn:
+            shared = _share_finished(conn, source_ids=finished)
     return lost
 
 

@@ -334,3 +334,22 @@ def test_claimers_contending_for_few_urls_on_postgresql_never_deadlock(pg_url: s
         thread.join(60)
     assert errors == []
     assert claimed > 0
+
+
+def test_a_url_under_many_keys_is_shared_in_bounded_transactions(
+    any_db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every key of the URL takes the end, a chunk per transaction, so one write
+    never holds the database for a million keys."""
+    monkeypatch.setattr(jobs, "SHARE_CHUNK", 3)
+    engine = _engine(any_db_url)
+    _import(engine, {f"k{i:02d}": f"http://media.test/v/one#{i}" for i in range(11)})
+    _import(engine, {"other": "http://media.test/v/two"})
+    claimed = jobs.claim(engine, worker_id="w", limit=4, lease_s=60)
+    assert [j.key for j in claimed] == ["k00", "other"]
+    jobs.store_outcomes(engine, [Outcome(jobs.start(engine, claimed[0]), result=_result(2.0))])
+    rows = _rows(engine)
+    assert {k: v for k, v in rows.items() if k != "other"} == {
+        f"k{i:02d}": ("done",) for i in range(11)
+    }
+    assert rows["other"] == ("running",)
