@@ -63,11 +63,11 @@ from runner.errors import (
     Stopping,
     UrlRefusedError,
 )
-from runner.headline import FRESH_BELOW_JOBS
+from runner.headline import MIN_TTL_S, ttl_for
 from runner.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from runner.models import jobs as jobs_table
 from runner.openapi import document
-from runner.status import read_status
+from runner.status import finite_or_none, read_status
 from runner.web import PAGE_FILES, page_file
 
 if TYPE_CHECKING:
@@ -182,18 +182,6 @@ def _error(status: int, message: str, **extra: Any) -> web.Response:
     return _json({"error": message, **extra}, status=status)
 
 
-def _finite_or_none(value: Any) -> Any:
-    """`value` with every non-finite float replaced by None (unknown), for reports
-    such as /status whose rates and ETA are estimates, not data."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite_or_none(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite_or_none(v) for v in value]
-    return value
-
-
 async def _in_thread(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     loop = asyncio.get_running_loop()
     return await loop.run_in_executor(None, lambda: fn(*args, **kwargs))
@@ -260,14 +248,18 @@ async def _errors(
     except Exception:
         log.exception("%s %s failed", request.method, request.path)
         response = _error(500, "internal error (see the daemon's log)")
+    if request.path not in PAGE_FILES:  # data, often behind a token: no cache keeps it
+        response.headers.setdefault("Cache-Control", "no-store")
     _daemon(request).metrics.request_answered(_route_name(request), response.status)
     return response
 
 
-def _host_allowed(host_header: str, config: ApiConfig, port: int | None) -> bool:
-    """Whether `Host` names this server: the bound host or a loopback name, with no
-    port or the one the connection came in on.  Anything else, on loopback, is a
-    page's own hostname resolved to 127.0.0.1 (DNS rebinding)."""
+def _host_allowed(host_header: str, config: ApiConfig) -> bool:
+    """Whether `Host` names this server: the bound host or a loopback name, with any
+    port or none.  Anything else, on loopback, is a page's own hostname resolved to
+    127.0.0.1 (DNS rebinding).  The port adds nothing against that (a rebinding page
+    names its own host, whatever the port), and an SSH tunnel from another local
+    port (`ssh -L 9000:127.0.0.1:8080`) sends that port."""
     text = host_header.strip().lower()
     if text.startswith("["):
         name, bracket, rest = text[1:].partition("]")
@@ -276,9 +268,9 @@ def _host_allowed(host_header: str, config: ApiConfig, port: int | None) -> bool
     else:
         name, colon, port_text = text.partition(":")
         rest = colon + port_text
-    if rest and (rest[:1] != ":" or not rest[1:].isdigit() or int(rest[1:]) != port):
+    if rest and (rest[:1] != ":" or not rest[1:].isdigit() or int(rest[1:]) > 65535):
         return False
-    return name in {config.host.lower(), "localhost", "127.0.0.1", "::1"}
+    return name == config.host.lower() or is_loopback(name)
 
 
 @web.middleware
@@ -289,11 +281,12 @@ async def _host(
     elsewhere, a token is required (check_bind) and it is what protects the API."""
     config = request.app[CONFIG]
     host_header = request.headers.get("Host")
-    if host_header is not None and is_loopback(config.host):
-        sockname = request.transport.get_extra_info("sockname") if request.transport else None
-        port = sockname[1] if isinstance(sockname, tuple) and len(sockname) > 1 else None
-        if not _host_allowed(host_header, config, port):
-            raise ApiError(421, "Host header does not name this server (loopback only)")
+    if (
+        host_header is not None
+        and is_loopback(config.host)
+        and not _host_allowed(host_header, config)
+    ):
+        raise ApiError(421, "Host header does not name this server (loopback only)")
     return await handler(request)
 
 
@@ -338,74 +331,118 @@ async def healthz(request: web.Request) -> web.Response:
     return _json({"ok": True, "stopping": daemon.stopping})
 
 
-#: /status computes at least this many failure reasons and slices: one cached report
-#: serves the page (10) and scripts (5 by default) alike
-REPORT_TOP = 10
+#: /status makes reports for these many failure reasons only, and slices: one
+#: cached report serves the page (10) and scripts (5 by default) alike, and no
+#: caller can make the cache hold a report per `top` it asks for
+REPORT_TOPS = (10, 100, 1000)
+REPORT_TOP = REPORT_TOPS[0]
+MAX_TOP = REPORT_TOPS[-1]
+
+
+def report_top(top: int) -> int:
+    """The report that serves `top` (0 to MAX_TOP) failure reasons."""
+    return next(t for t in REPORT_TOPS if t >= top)
 
 
 @dataclass
 class _Reports:
     """/status reports, kept for a time-to-live that grows with what one costs (at
     most 2 % of a core spent answering), so open pages and scripts polling a big
-    database share one report instead of each costing a full read.
+    database share one report instead of each costing a full read; a report that
+    cheap to make that its TTL would be under `min_ttl_s` is made for every caller.
 
-    A report that took long to make (`slow_s`: a million jobs) is served a while
-    past its time-to-live, up to `stale_s`, while a thread makes the next one, so
-    polling callers never wait for it; the API also makes the first one as it
-    starts.  Databases under `fresh_below_jobs` are read afresh for every caller.
+    One report per key is made at a time: callers that need the same one meanwhile
+    wait for it.  A report that took long to make (`slow_s`: a million jobs) is
+    served a while past its time-to-live, up to `stale_s`, while a thread makes the
+    next, so polling callers never wait for it; the API also makes the first one as
+    it starts.  Once the API stops (`stop`), no thread makes another.
     """
 
     budget: float = 0.02
-    min_ttl_s: float = 0.0
+    min_ttl_s: float = MIN_TTL_S
     max_ttl_s: float = 15.0
     slow_s: float = 0.1
     stale_s: float = 60.0
-    fresh_below_jobs: int = FRESH_BELOW_JOBS
-    #: top -> (fresh until, usable until, report)
+    clock: Callable[[], float] = time.time
+    #: report top -> (fresh until, usable until, report)
     kept: dict[int, tuple[float, float, dict[str, Any]]] = field(default_factory=dict)
-    _refreshing: set[int] = field(default_factory=set)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
+    #: reports made, per key (tests count them)
+    made: dict[int, int] = field(default_factory=dict)
+    stopped: bool = False
+    _costs: dict[int, tuple[float, ...]] = field(default_factory=dict)
+    _making: set[int] = field(default_factory=set)
+    _cond: threading.Condition = field(default_factory=threading.Condition)
 
     def get(self, daemon: DaemonHandle, top: int) -> dict[str, Any]:
-        wanted = max(top, REPORT_TOP)
-        now = time.time()
-        hit = self.kept.get(wanted)
-        if hit is not None and now < hit[0]:
-            report = hit[2]
-        elif hit is not None and now < hit[1]:
-            self._refresh_later(daemon, wanted)
-            report = hit[2]
-        else:
-            report = self._make(daemon, wanted)
+        key = report_top(top)
+        report: dict[str, Any] | None = None
+        with self._cond:
+            while True:
+                now = self.clock()
+                hit = self.kept.get(key)
+                if hit is not None and now < hit[1]:
+                    if now >= hit[0]:
+                        self._refresh_later(daemon, key)
+                    report = hit[2]
+                    break
+                if key in self._making:  # someone makes it: theirs will do
+                    made = self.made.get(key, 0)
+                    self._cond.wait_for(lambda: key not in self._making)
+                    if self.made.get(key, 0) != made and key in self.kept:
+                        report = self.kept[key][2]
+                        break
+                    continue  # theirs failed: make it here
+                self._making.add(key)
+                break
+        if report is None:
+            report = self._make(daemon, key)
         return report | {"top_failures": report["top_failures"][:top]}
 
-    def _make(self, daemon: DaemonHandle, top: int) -> dict[str, Any]:
-        now = time.time()
-        started = time.perf_counter()
-        headline = daemon.headlines.get(daemon.engine)
-        report = read_status(daemon.engine, now=now, top=top, headline=headline)
-        cost_s = time.perf_counter() - started
-        ttl_s = min(self.max_ttl_s, max(self.min_ttl_s, cost_s / self.budget))
-        usable_s = max(ttl_s, self.stale_s) if cost_s >= self.slow_s else ttl_s
-        if report["total"] < self.fresh_below_jobs:  # cheap: afresh for every caller
-            ttl_s = usable_s = 0.0
-        self.kept[top] = (now + ttl_s, now + usable_s, report)
+    def stop(self) -> None:
+        """No report is made in the background from now on."""
+        with self._cond:
+            self.stopped = True
+
+    def _make(self, daemon: DaemonHandle, key: int) -> dict[str, Any]:
+        """Make the report for `key`, which the caller has marked as being made."""
+        try:
+            made_at, started = self.clock(), time.perf_counter()
+            headline = daemon.headlines.get(daemon.engine)
+            report = read_status(daemon.engine, top=key, headline=headline)
+            cost_s = time.perf_counter() - started
+        except BaseException:
+            with self._cond:
+                self._making.discard(key)
+                self._cond.notify_all()
+            raise
+        with self._cond:
+            costs = self._costs[key] = (*self._costs.get(key, ())[-1:], cost_s)
+            ttl_s = ttl_for(
+                costs, budget=self.budget, min_ttl_s=self.min_ttl_s, max_ttl_s=self.max_ttl_s
+            )
+            usable_s = max(ttl_s, self.stale_s) if cost_s >= self.slow_s else ttl_s
+            self.kept[key] = (made_at + ttl_s, made_at + usable_s, report)
+            self.made[key] = self.made.get(key, 0) + 1
+            self._making.discard(key)
+            self._cond.notify_all()
         return report
 
-    def _refresh_later(self, daemon: DaemonHandle, top: int) -> None:
-        with self._lock:
-            if top in self._refreshing:
-                return
-            self._refreshing.add(top)
+    def _refresh_later(self, daemon: DaemonHandle, key: int) -> None:
+        """Make the next report for `key` in a thread (under `_cond`)."""
+        if self.stopped or key in self._making:
+            return
+        self._making.add(key)
 
         def refresh() -> None:
+            if self.stopped:
+                with self._cond:
+                    self._making.discard(key)
+                    self._cond.notify_all()
+                return
             try:
-                self._make(daemon, top)
+                self._make(daemon, key)
             except Exception:
                 log.exception("making a /status report failed")
-            finally:
-                with self._lock:
-                    self._refreshing.discard(top)
 
         threading.Thread(target=refresh, name="runner-status-report", daemon=True).start()
 
@@ -432,11 +469,11 @@ def _with_daemon(report: dict[str, Any], daemon: DaemonHandle) -> dict[str, Any]
 @routes.get("/status")
 async def status(request: web.Request) -> web.Response:
     top_text = request.query.get("top", "5")
-    if not top_text.isdigit() or int(top_text) > 1000:
-        raise ApiError(400, "top: expected an integer from 0 to 1000")
+    if not top_text.isdigit() or int(top_text) > MAX_TOP:
+        raise ApiError(400, f"top: expected an integer from 0 to {MAX_TOP}")
     daemon = _daemon(request)
     report = await _in_thread(request.app[REPORTS].get, daemon, int(top_text))
-    return _json(_finite_or_none(_with_daemon(report, daemon)))
+    return _json(finite_or_none(_with_daemon(report, daemon)))
 
 
 @routes.get("/metrics")
@@ -777,6 +814,7 @@ async def serve_api(daemon: DaemonHandle, config: ApiConfig) -> AsyncIterator[st
         warm.add_done_callback(_log_failure)
         yield daemon.api_url
     finally:
+        app_runner.app[REPORTS].stop()
         daemon.abandon_adhoc("the daemon is stopping")
         await app_runner.cleanup()
         if session is not None:

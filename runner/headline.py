@@ -7,8 +7,20 @@ daemon that did it every second for its bar spent 5 % of a core doing nothing.
 `HeadlineCache` is shared by the bar, `/metrics` and `/status` of one daemon: it
 re-reads only once the figures are older than a time-to-live that grows with what
 a read costs (`COUNT_BUDGET`: reading takes at most a quarter of a percent of one
-core), so a small database is read afresh every time and a million jobs every 25
-seconds or so (never less often than every `MAX_TTL_S`).
+core), so a cheap read (a small database) is made afresh every time and a million
+jobs every 25 seconds or so (never less often than every `MAX_TTL_S`).  The cost
+decides, not the number of jobs: the same table reads ten times slower on a cold
+cache, a busy machine or SQLite without statistics.
+
+`now` is the database's clock, read inside the same transaction: `finished_at`
+and `claimed_at` are stamped by the database (runner/dbclock.py), so a rate taken
+against the reading host's clock would change with that host's skew.
+
+The windowed queries (`worked_on`) must walk `ix_jobs_finished_at`, the only index
+that reads just the window's rows.  SQLite without statistics (runner never runs
+ANALYZE) prefers an equality on `ix_jobs_status_id` to a range, and then reads
+every done and failed job of the table; on SQLite the status test is written so
+that it cannot use an index (`unindexed`), whatever the statistics say.
 
 Nothing is kept in the database for it (no counter rows): with many daemons on
 PostgreSQL, one counter row that every claim and every finish updates would
@@ -20,11 +32,14 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
-from sqlalchemy import Connection, Engine, case, func, or_, select
+from sqlalchemy import Connection, Engine, String, case, func, or_, select
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.expression import ColumnElement, FunctionElement
 
+from runner.dbclock import read_now
 from runner.jobs import Status
 from runner.models import ADOPTED, jobs
 from runner.queries import count_by_status, reading
@@ -35,23 +50,60 @@ WINDOWS = {"5m": 300.0, "60m": 3600.0}
 #: the share of one core that re-reading the headline may take, at most (a quarter
 #: of a percent: an idle daemon's other work, its claim polls, needs the rest of 2 %)
 COUNT_BUDGET = 0.0025
-#: bounds of the cache's time-to-live, seconds: none at all for a small database
-#: (figures as fresh as before), at most a minute for a huge or slow one
-MIN_TTL_S = 0.0
+#: a time-to-live under this is none at all: a read that cheap (a quarter of a
+#: percent of the 1 s between the bar's refreshes) is made afresh for every caller,
+#: so small figures are as fresh as they can be
+MIN_TTL_S = 1.0
+#: at most a minute for a huge or slow table
 MAX_TTL_S = 60.0
-#: tables smaller than this are read afresh every time (a few milliseconds), so a
-#: slow first read (a cold cache, a busy machine) never makes small figures stale
-FRESH_BELOW_JOBS = 100_000
+
+
+def ttl_for(
+    costs: tuple[float, ...], *, budget: float, min_ttl_s: float, max_ttl_s: float
+) -> float:
+    """How long figures that took `costs` seconds to read (the last two reads) stay
+    good, so that reading takes at most `budget` of a core.  The cheaper of the two
+    counts: one slow read (a cold cache, a busy moment) must not make cheap
+    figures stale, and a first read, which may well be cold, sets none.  Under
+    `min_ttl_s`: 0, read afresh."""
+    if len(costs) < 2:
+        return 0.0
+    ttl = min(max_ttl_s, min(costs) / budget)
+    return ttl if ttl >= min_ttl_s else 0.0
+
+
+class unindexed(FunctionElement[Any]):
+    """A text column the query planner must not look rows up by: `+column` on SQLite
+    (a unary plus takes the term out of index selection), the column elsewhere."""
+
+    type = String()
+    inherit_cache = True
+
+
+@compiles(unindexed)
+def _unindexed(element: unindexed, compiler: Any, **kw: Any) -> str:
+    return str(compiler.process(element.clauses, **kw))
+
+
+@compiles(unindexed, "sqlite")
+def _unindexed_sqlite(element: unindexed, compiler: Any, **kw: Any) -> str:
+    return "+" + str(compiler.process(element.clauses, **kw))
+
+
+def finished_status() -> ColumnElement[bool]:
+    """Done or failed, as a term that leaves the index choice to `finished_at`."""
+    return unindexed(jobs.c.status).in_([Status.DONE.value, Status.FAILED.value])
 
 
 def worked_on(now: float, since: float) -> tuple[Any, ...]:
     """WHERE terms for jobs a daemon finished in [since, now]: adopted results and
     rejected catalogue records get a `finished_at` too, and a million of them imported
-    at once would otherwise look like a burst of speed."""
+    at once would otherwise look like a burst of speed.  They read the window through
+    `ix_jobs_finished_at` on either database (see the module's doc)."""
     return (
         jobs.c.finished_at >= since,
         jobs.c.finished_at <= now,
-        jobs.c.status.in_([Status.DONE.value, Status.FAILED.value]),
+        finished_status(),
         jobs.c.claimed_at.is_not(None),
         or_(jobs.c.model_id.is_(None), jobs.c.model_id != ADOPTED),
     )
@@ -59,11 +111,15 @@ def worked_on(now: float, since: float) -> tuple[Any, ...]:
 
 @dataclass(frozen=True)
 class Headline:
-    """Counts per state and the rates of the last `WINDOWS`, as of `now`."""
+    """Counts per state and the rates of the last `WINDOWS`, as of `now` (the
+    database's clock, as `finished_at` is)."""
 
     now: float
     counts: dict[Status, int]
     rates: dict[str, Rate]
+    #: when this host read them, by its own clock (what a cache ages them by, and what
+    #: a daemon compares its own finish times with); `now` unless a cache sets it
+    read_at: float | None = None
 
     @property
     def total(self) -> int:
@@ -89,10 +145,13 @@ class Headline:
         return eta_s(self.remaining, best[1] if best else None)
 
 
-def read_headline(conn: Connection, *, now: float) -> Headline:
-    """Counts and rates in one read transaction.  A window's rate is over the time it
-    covers: from the earliest claim among the jobs that finished in it (when the
-    work began), if that is later than the window's start."""
+def read_headline(conn: Connection, *, now: float | None = None) -> Headline:
+    """Counts and rates in one read transaction, as of `now` (by default the
+    database's clock, read in it).  A window's rate is over the time it covers: from
+    the earliest claim among the jobs that finished in it (when the work began), if
+    that is later than the window's start."""
+    if now is None:
+        now = read_now(conn)
     longest = max(WINDOWS.values())
     columns = []
     for seconds in WINDOWS.values():
@@ -126,7 +185,9 @@ def read_headline(conn: Connection, *, now: float) -> Headline:
     return Headline(now=now, counts=counts, rates=rates)
 
 
-def read_headline_now(engine: Engine, *, now: float) -> Headline:
+def read_headline_now(engine: Engine, *, now: float | None = None) -> Headline:
+    """`read_headline` on a connection of its own; `now`: the database's clock unless
+    a test gives one."""
     with reading(engine) as conn, conn.begin():
         return read_headline(conn, now=now)
 
@@ -135,8 +196,11 @@ class HeadlineCache:
     """The last `Headline` read, re-read once older than its time-to-live.
 
     Thread-safe: the daemon's database thread (the bar) and the API's executor
-    threads (`/metrics`, `/status`) share one; while one thread reads, the others
-    wait for its figures rather than counting too.
+    threads (`/metrics`, `/status`) share one.  One thread reads at a time, without
+    holding the lock: callers that need new figures meanwhile wait for its (rather
+    than counting too), callers content with the kept ones get them at once.
+    `clock` ages the figures (this host's); `now`, if given, is the read's `now`
+    instead of the database's clock (tests).
     """
 
     def __init__(
@@ -145,38 +209,69 @@ class HeadlineCache:
         budget: float = COUNT_BUDGET,
         min_ttl_s: float = MIN_TTL_S,
         max_ttl_s: float = MAX_TTL_S,
-        fresh_below_jobs: int = FRESH_BELOW_JOBS,
         clock: Callable[[], float] = time.time,
         timer: Callable[[], float] = time.perf_counter,
+        now: Callable[[], float] | None = None,
     ) -> None:
         self.budget, self.min_ttl_s, self.max_ttl_s = budget, min_ttl_s, max_ttl_s
-        self.fresh_below_jobs = fresh_below_jobs
-        self._clock, self._timer = clock, timer
-        self._lock = threading.Lock()
+        self._clock, self._timer, self._now = clock, timer, now
+        self._cond = threading.Condition()
+        self._reading = False
         self._last: Headline | None = None
         self._expires_at = float("-inf")
-        #: seconds the last read took, and the time-to-live that followed from it
+        #: seconds the last reads took (the cheapest sets the TTL), and that TTL
+        self._costs: tuple[float, ...] = ()
         self.read_cost_s = 0.0
-        self.ttl_s = min_ttl_s
+        self.ttl_s = 0.0
         self.reads = 0
 
+    def _usable(self, at: float, max_age_s: float | None) -> Headline | None:
+        last = self._last
+        if last is None or at >= self._expires_at:
+            return None
+        if max_age_s is not None and at - (last.read_at or last.now) > max_age_s:
+            return None
+        return last
+
     def get(self, engine: Engine, *, max_age_s: float | None = None) -> Headline:
-        """The cached figures, or new ones if they are older than the time-to-live
+        """The kept figures, or new ones if they are older than the time-to-live
         (or than `max_age_s`: 0 forces a read, as the daemon's last line does)."""
-        with self._lock:
-            now = self._clock()
-            last = self._last
-            fresh = last is not None and now < self._expires_at
-            if fresh and max_age_s is not None and last is not None:
-                fresh = now - last.now <= max_age_s
-            if fresh and last is not None:
-                return last
-            started = self._timer()
-            headline = read_headline_now(engine, now=now)
-            self.read_cost_s = self._timer() - started
-            self.ttl_s = min(self.max_ttl_s, max(self.min_ttl_s, self.read_cost_s / self.budget))
-            if headline.total < self.fresh_below_jobs:
-                self.ttl_s = 0.0
-            self._last, self._expires_at = headline, now + self.ttl_s
+        with self._cond:
+            asked_at = self._clock()
+            while True:
+                kept = self._usable(self._clock(), max_age_s)
+                if kept is not None:
+                    return kept
+                if not self._reading:
+                    break
+                reads = self.reads
+                self._cond.wait_for(lambda: not self._reading)
+                if self.reads != reads and self._last is not None:
+                    last = self._last  # read for someone else after we asked: fresh enough
+                    if (last.read_at or 0.0) >= asked_at:
+                        return last
+            self._reading = True
+        try:
+            started_at, started = self._clock(), self._timer()
+            headline = read_headline_now(engine, now=None if self._now is None else self._now())
+            cost = self._timer() - started
+            headline = replace(headline, read_at=started_at)
+        except BaseException:
+            with self._cond:
+                self._reading = False
+                self._cond.notify_all()
+            raise
+        with self._cond:
+            self._costs = (*self._costs[-1:], cost)
+            self.read_cost_s = cost
+            self.ttl_s = ttl_for(
+                self._costs,
+                budget=self.budget,
+                min_ttl_s=self.min_ttl_s,
+                max_ttl_s=self.max_ttl_s,
+            )
+            self._last, self._expires_at = headline, started_at + self.ttl_s
             self.reads += 1
-            return headline
+            self._reading = False
+            self._cond.notify_all()
+        return headline

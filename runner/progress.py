@@ -123,8 +123,9 @@ class Progress:
             return line
         self._bar.total = headline.total
         # between reads of the counts (every ~25 s at a million jobs) the bar still
-        # moves with what this daemon finished since they were read
-        own = self.rate.finished_since(headline.now)
+        # moves with what this daemon finished since they were read (by this host's
+        # clock, which times its own finishes; `now` is the database's)
+        own = self.rate.finished_since(headline.read_at if headline.read_at else headline.now)
         self._bar.n = min(headline.total, headline.finished + own)
         self._bar.set_postfix_str(speed, refresh=False)
         self._bar.set_description_str(states, refresh=False)

@@ -1,7 +1,9 @@
 """What `runner status` reports: progress, speed, ETA, throughput and why things failed.
 
 `read_status` is a pure function of the database and `now`, so tests fix the clock
-instead of sleeping.  Everything it says comes from the jobs table, so it shows the
+instead of sleeping; left out, `now` is the database's clock (the one that stamps
+`finished_at`), read in the same transaction, so a host whose clock is off changes
+no rate.  Everything it says comes from the jobs table, so it shows the
 work of every daemon: the headline (counts, rates over the last 5 and 60 minutes,
 ETA: `runner.headline`), a throughput chart bucketed in SQL over the last hours from
 `finished_at` (its index keeps that cheap at a million jobs: only the chart's hours
@@ -20,14 +22,22 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, Integer, case, cast, func, select
 
-from runner.headline import WINDOWS, Headline, read_headline_now, worked_on
+from runner.dbclock import read_now
+from runner.headline import WINDOWS, Headline, read_headline_now, unindexed, worked_on
 from runner.jobs import Status
 from runner.models import jobs
 from runner.queries import reading
 from runner.rates import window_rate
 from runner.spec import registered_specs, spec_lines
 
-__all__ = ["WINDOWS", "format_duration", "format_status", "read_status", "show_status"]
+__all__ = [
+    "WINDOWS",
+    "finite_or_none",
+    "format_duration",
+    "format_status",
+    "read_status",
+    "show_status",
+]
 
 #: ANSI: cursor home, clear screen (for --watch on a terminal)
 CLEAR = "\x1b[H\x1b[2J"
@@ -42,14 +52,15 @@ EXAMPLES_SCANNED = 2_000
 def read_status(
     engine: Engine,
     *,
-    now: float,
+    now: float | None = None,
     top: int = 5,
     headline: Headline | None = None,
     chart_hours: float = CHART_HOURS,
     bucket_s: float = CHART_BUCKET_S,
 ) -> dict[str, Any]:
-    """The whole report, JSON-ready.  `headline`: figures already read (the daemon's
-    shared cache), so the counts are not taken again; its `now` is when they were.
+    """The whole report, JSON-ready, as of `now` (by default the database's clock).
+    `headline`: figures already read (the daemon's shared cache), so the counts are
+    not taken again; its `now` is when they were (`counts_as_of`).
 
     The three slow parts run side by side, each on its own connection: the headline
     (when not given), the failure reasons, and the rest.  At a million jobs each of
@@ -57,9 +68,13 @@ def read_status(
     counts, one heap block per failed job for the reasons); one after the other they
     made the answer miss half a second."""
     with concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="runner-status") as pool:
-        pending = None if headline is not None else pool.submit(read_headline_now, engine, now=now)
         reasons = pool.submit(_read_top_failures, engine, top)
         with reading(engine) as conn, conn.begin():
+            if now is None:
+                now = read_now(conn)
+            pending = None
+            if headline is None:
+                pending = pool.submit(read_headline_now, engine, now=now)
             running = _oldest_running(conn)
             chart = _throughput(conn, now=now, hours=chart_hours, bucket_s=bucket_s)
             workers = _workers(conn, now=now)
@@ -188,12 +203,15 @@ def _throughput(conn: Connection, *, now: float, hours: float, bucket_s: float) 
     )
     failed_by_class = (
         select(bucket, jobs.c.error_class, func.count().label("n"))
-        .where(*worked_on(now, first), jobs.c.status == Status.FAILED.value)
+        .where(*worked_on(now, first), unindexed(jobs.c.status) == Status.FAILED.value)
         .group_by(bucket, jobs.c.error_class)
     )
     recent_models = (
         select(jobs.c.model_id, func.count().label("n"))
-        .where(*worked_on(now, max(first, now - WINDOWS["60m"])), done)
+        .where(
+            *worked_on(now, max(first, now - WINDOWS["60m"])),
+            unindexed(jobs.c.status) == Status.DONE.value,
+        )
         .group_by(jobs.c.model_id)
     )
     buckets: list[dict[str, Any]] = []
@@ -289,6 +307,18 @@ def _workers(conn: Connection, *, now: float) -> list[dict[str, Any]]:
     return sorted(workers.values(), key=lambda w: (w["host"], w["worker_id"]))
 
 
+def finite_or_none(value: Any) -> Any:
+    """`value` with every non-finite float replaced by None (unknown): rates and the
+    ETA are estimates, and strict JSON has no NaN or Infinity."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite_or_none(v) for v in value]
+    return value
+
+
 def format_duration(seconds: float) -> str:
     """'45s', '3m 12s', '2h 05m', '3d 04h': two units are enough to plan by."""
     s = round(seconds)
@@ -353,21 +383,25 @@ def show_status(
     watch_s: float | None = None,
     count: int | None = None,
     clear: bool = False,
-    clock: Callable[[], float] = time.time,
+    clock: Callable[[], float] | None = None,
     sleep: Callable[[float], None] = time.sleep,
 ) -> int:
     """`runner status`: once, or every `watch_s` seconds until Ctrl-C (or `count` times).
 
     Watching on a terminal (`clear`) redraws in place; otherwise each report follows
-    the last (JSON: one document per line), which suits logs and pipes.  Returns how
-    many reports were shown.
+    the last (JSON: one document per line), which suits logs and pipes.  JSON is
+    strict (an unknown rate or ETA is null, never NaN or Infinity).  `clock`: the
+    reports' `now` (tests); by default the database's clock.  Returns how many
+    reports were shown.
     """
     shown = 0
     try:
         while True:
-            report = read_status(engine, now=clock(), top=top)
+            report = read_status(engine, now=None if clock is None else clock(), top=top)
             if as_json:
-                text = json.dumps(report, indent=None if watch_s else 2)
+                text = json.dumps(
+                    finite_or_none(report), indent=None if watch_s else 2, allow_nan=False
+                )
             else:
                 text = format_status(report)
                 if watch_s:

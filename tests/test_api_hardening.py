@@ -67,11 +67,24 @@ def test_post_routes_take_only_application_json(api: ApiServer) -> None:
 
 
 def test_host_must_name_this_server_on_loopback(api: ApiServer) -> None:
-    """DNS rebinding: a page's own hostname resolved to 127.0.0.1 is refused."""
+    """DNS rebinding: a page's own hostname resolved to 127.0.0.1 is refused.  A
+    loopback name with another port is this server through an SSH tunnel from that
+    port (`ssh -L 9000:127.0.0.1:8080`), not a rebinding page."""
     port = int(api.base_url.rsplit(":", 1)[1])
     for host in (f"127.0.0.1:{port}", "localhost", f"LOCALHOST:{port}", f"[::1]:{port}"):
         assert api("GET", "/healthz", headers={"Host": host}).status == 200, host
-    for host in ("evil.test", f"evil.test:{port}", "127.0.0.1:1", "127.0.0.1:", "[::1", "::1"):
+    for host in ("127.0.0.1:9000", "localhost:9000", "[::1]:1", "127.0.0.1:1"):
+        assert api("GET", "/status", headers={"Host": host}).status == 200, host
+    for host in (
+        "evil.test",
+        f"evil.test:{port}",
+        "evil.test:9000",
+        "127.0.0.1:",
+        "127.0.0.1:x",
+        "127.0.0.1:99999",
+        "[::1",
+        "::1",
+    ):
         for path in ("/healthz", "/status"):
             reply = api("GET", path, headers={"Host": host})
             assert reply.status == 421, (host, reply)

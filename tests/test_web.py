@@ -5,10 +5,12 @@ Chromium against `runner serve` on a real SQLite file, its numbers checked again
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -17,6 +19,7 @@ import tomllib
 from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import numpy as np
 import pytest
@@ -259,7 +262,7 @@ def test_a_slow_report_is_served_while_the_next_is_made(plain_api: ApiServer) ->
 
     daemon = plain_api.daemon
     # TTL ~0 and every report "slow": each get after the first is served stale
-    reports = _Reports(budget=1e9, slow_s=0.0, stale_s=60.0, fresh_below_jobs=0)
+    reports = _Reports(budget=1e9, slow_s=0.0, stale_s=60.0)
     first = reports.get(daemon, 3)
     total = first["total"]
     engine = connect(plain_api.db_url)
@@ -274,3 +277,165 @@ def test_a_slow_report_is_served_while_the_next_is_made(plain_api: ApiServer) ->
         assert time.monotonic() < deadline, "the next report never came"
         time.sleep(0.02)
     assert len(reports.get(daemon, 0)["top_failures"]) == 0  # one report, sliced per top
+    # once stopped (the API is going away), no thread makes another
+    while reports._making:  # the refresh the last get started
+        assert time.monotonic() < deadline, "a refresh never ended"
+        time.sleep(0.02)
+    reports.stop()
+    made = dict(reports.made)
+    assert reports.get(daemon, 3)["total"] == total + 3  # still served, stale
+    assert reports.made == made and not reports._making
+
+
+class _GatedHeadlines:
+    """The daemon's real HeadlineCache, behind a gate: each read waits for `go`."""
+
+    def __init__(self, daemon: object) -> None:
+        self.real = daemon.headlines  # type: ignore[attr-defined]
+        self.go = threading.Event()
+        self.calls = 0
+
+    def get(self, engine: object, **kwargs: object) -> object:
+        self.calls += 1
+        assert self.go.wait(30)
+        return self.real.get(engine, **kwargs)
+
+
+def test_one_report_is_made_at_a_time_and_callers_wait_for_it(plain_api: ApiServer) -> None:
+    """Callers that miss while a report is being made wait for that one rather than
+    each making their own; every `top` up to 10 is the same report, sliced."""
+    from runner.api import _Reports
+
+    class Daemon:
+        engine = plain_api.daemon.engine
+        headlines = _GatedHeadlines(plain_api.daemon)
+
+    reports = _Reports()
+    got: dict[int, dict[str, object]] = {}
+    tops = (1, 3, 5, 7, 10)
+    threads = [
+        threading.Thread(target=lambda t=t: got.__setitem__(t, reports.get(Daemon(), t)))  # type: ignore[misc]
+        for t in tops
+    ]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 20
+    # one makes the report (held at the gate), the other four wait on it
+    while Daemon.headlines.calls < 1 or len(reports._cond._waiters) < len(tops) - 1:  # type: ignore[attr-defined]
+        assert time.monotonic() < deadline, (Daemon.headlines.calls, reports.made)
+        time.sleep(0.01)
+    Daemon.headlines.go.set()
+    for thread in threads:
+        thread.join(30)
+    assert Daemon.headlines.calls == 1 and reports.made == {10: 1}
+    assert set(got) == set(tops)
+    assert len({id(r["throughput"]) for r in got.values()}) == 1  # one report for all
+
+
+def test_reports_are_kept_for_three_tops_only(plain_api: ApiServer) -> None:
+    """A caller cycling through `top` values cannot make the cache hold (and make) a
+    report for each: they are made for 10, 100 or 1000 reasons and sliced."""
+    from runner.api import REPORT_TOPS, _Reports, report_top
+
+    assert [report_top(t) for t in (0, 5, 10, 11, 100, 101, 999, 1000)] == [
+        10, 10, 10, 100, 100, 1000, 1000, 1000,
+    ]  # fmt: skip
+    reports = _Reports()
+    for top in (*range(0, 1001, 37), 1000):
+        assert len(reports.get(plain_api.daemon, top)["top_failures"]) <= top
+    assert set(reports.kept) <= set(REPORT_TOPS)
+    assert plain_api("GET", "/status?top=1001", token=TOKEN).status == 400
+    assert plain_api("GET", "/status?top=1000", token=TOKEN).status == 200
+
+
+def test_a_cached_headline_is_served_while_another_thread_reads(tmp_path: Path) -> None:
+    """HeadlineCache reads without holding its lock: while one caller forces a read
+    (held here in the database driver), another content with the kept figures is
+    answered at once rather than queued behind it."""
+    from sqlalchemy import event
+
+    from runner.headline import HeadlineCache
+
+    engine = connect(f"sqlite:///{tmp_path / 'h.db'}")
+    try:
+        add_jobs(engine, ["a", "b"], now=time.time())
+        ticks = iter(range(10_000))
+        # every read "costs" 1 s by this timer: kept for a minute (the ceiling)
+        cache = HeadlineCache(timer=lambda: float(next(ticks) % 2))
+        cache.get(engine)
+        kept = cache.get(engine, max_age_s=0)
+        assert cache.ttl_s == 60.0
+        hold, held = threading.Event(), threading.Event()
+
+        def gate(*_: object) -> None:
+            if threading.current_thread().name == "forcer":
+                held.set()
+                assert hold.wait(30)
+
+        event.listen(engine, "before_cursor_execute", gate)
+        forcer = threading.Thread(
+            target=lambda: cache.get(engine, max_age_s=0), name="forcer", daemon=True
+        )
+        forcer.start()
+        assert held.wait(30)  # the forced read is in the database now
+        answered: list[object] = []
+        other = threading.Thread(target=lambda: answered.append(cache.get(engine)), daemon=True)
+        other.start()
+        other.join(30)
+        assert answered == [kept]  # while the read was still held
+        hold.set()
+        forcer.join(30)
+        assert cache.reads == 3
+        event.remove(engine, "before_cursor_execute", gate)
+    finally:
+        engine.dispose()
+
+
+def test_data_is_not_cached_and_a_tunnel_from_another_port_works(plain_api: ApiServer) -> None:
+    """`ssh -L 9000:127.0.0.1:8080 host`: the browser sends Host: 127.0.0.1:9000.  A
+    TCP relay on another local port stands in for the tunnel; the page and its data
+    answer through it, and the data says no cache may keep it."""
+    target = urlsplit(plain_api.base_url)
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def pump(src: socket.socket, dst: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                dst.sendall(data)
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+
+    opened: list[socket.socket] = []
+
+    def relay() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                client, _ = listener.accept()
+                upstream = socket.create_connection((target.hostname, target.port))
+                opened.extend((client, upstream))
+                for a, b in ((client, upstream), (upstream, client)):
+                    threading.Thread(target=pump, args=(a, b), daemon=True).start()
+
+    threading.Thread(target=relay, daemon=True).start()
+    try:
+        tunnel = f"http://127.0.0.1:{port}"
+        assert port != target.port
+        page = request(tunnel, "GET", "/", token=None)
+        assert page.status == 200 and page.headers["Cache-Control"] == "no-cache"
+        for path in ("/status", "/jobs/none", "/openapi.json", "/metrics"):
+            reply = request(tunnel, "GET", path, token=TOKEN)
+            assert reply.status in (200, 404), (path, reply)
+            assert reply.headers["Cache-Control"] == "no-store", path
+        refused = request(tunnel, "GET", "/status", token=None)
+        assert refused.status == 401 and refused.headers["Cache-Control"] == "no-store"
+        rebinding = request(
+            tunnel, "GET", "/status", token=TOKEN, headers={"Host": f"evil.test:{port}"}
+        )
+        assert rebinding.status == 421
+    finally:
+        listener.close()
+        for sock in opened:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
