@@ -39,7 +39,7 @@ from runner.errors import StageFailed, Stopping
 from runner.headline import HeadlineCache
 from runner.metrics import Metrics
 from runner.progress import Progress
-from runner.spec import check_guard
+from runner.spec import check_guard, record_for_serve
 from runner.stages.claimer import Claimer
 from runner.stages.decoder import Decoded, DecoderPool
 from runner.stages.downloader import ByteBudget, Downloaded, Downloader
@@ -146,7 +146,13 @@ class Daemon:
         """A daemon that stores vectors refuses to add them to those of another
         embedding spec (runner/spec.py), before it claims anything."""
         spec = getattr(embedder, "spec", None)  # test doubles may wrap no real model
-        if not self.config.claim_jobs or spec is None:
+        if spec is None:
+            return
+        if not self.config.claim_jobs:  # `runner serve`: stores no vectors, never refused
+            warning = await self.db.call(record_for_serve, spec)
+            if warning:
+                log.warning("%s", warning)
+            log.info("embedding spec: %s", spec.describe())
             return
         try:
             await self.db.call(check_guard, spec)

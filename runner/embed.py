@@ -32,6 +32,7 @@ import re
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -53,6 +54,11 @@ POOLINGS = ("mean", "mean-std")
 #: families whose padded frames reach the real ones even with an attention mask:
 #: their windows share a batch only with windows of the same length
 PADDING_LEAKS = frozenset({"data2vec-audio"})
+
+
+class BadSetting(RunnerError, ValueError):
+    """A --device or --dtype that cannot be used: one line at the CLI (RunnerError),
+    and still the ValueError callers of `resolve_device`/`resolve_dtype` catch."""
 
 
 @dataclass(frozen=True)
@@ -79,14 +85,14 @@ def pooled(frame_sum: np.ndarray, frame_sq_sum: np.ndarray | None, frames: int) 
 
 def resolve_device(name: str) -> torch.device:
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", name):
-        raise ValueError(f"unsupported device {name!r}: use auto, cpu, cuda or cuda:N")
+        raise BadSetting(f"unsupported device {name!r}: use auto, cpu, cuda or cuda:N")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but CUDA is not available")
+        raise BadSetting(f"device {name!r} requested but CUDA is not available")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise ValueError(f"device {name!r}: only {torch.cuda.device_count()} CUDA device(s)")
+        raise BadSetting(f"device {name!r}: only {torch.cuda.device_count()} CUDA device(s)")
     return device
 
 
@@ -107,7 +113,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if name not in dtypes:
-        raise ValueError(f"unknown dtype {name!r}: use auto, float32, bfloat16 or float16")
+        raise BadSetting(f"unknown dtype {name!r}: use auto, float32, bfloat16 or float16")
     return dtypes[name]
 
 
@@ -142,11 +148,13 @@ class Embedder:
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.pooling = pooling
+        _check_files(model_id)
         try:
+            _check_layer_early(model_id, layer)
             self.features = AutoFeatureExtractor.from_pretrained(model_id)
             model = _load_encoder(model_id, self.dtype)
-        except OSError as exc:
-            raise ValueError(f"cannot load model {model_id!r}: {exc}") from None
+        except (OSError, ValueError) as exc:  # not RunnerError: the layer's is said as is
+            raise RunnerError(f"cannot load model {model_id!r}: {_one_line(exc)}") from None
         config = model.config
         layers = _encoder_layers(model, model_id)
         self.layers = len(layers)
@@ -268,6 +276,47 @@ class _Captured(Exception):
     """Raised by the hook that read the chosen hidden state: nothing after it is needed."""
 
 
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
+
+
+def looks_like_path(model_id: str) -> bool:
+    """A directory, not a hub id (`org/name`, or a bare `name`)."""
+    return (
+        model_id.startswith(("/", "./", "../", "~", "."))
+        or model_id.count("/") > 1
+        or model_id.endswith("/")
+        or "\\" in model_id
+    )
+
+
+def _check_files(model_id: str) -> None:
+    """One clear line, before transformers' longer ones: a path that is not there,
+    or a checkpoint directory without the feature extractor's settings."""
+    path = Path(model_id).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise RunnerError(f"cannot load model: {path} has no config.json")
+        if not (path / "preprocessor_config.json").is_file():
+            raise RunnerError(
+                f"cannot load model: {path} has no preprocessor_config.json (the feature "
+                "extractor's settings: save a Wav2Vec2FeatureExtractor there, or copy the "
+                "file from the checkpoint's hub repo)"
+            )
+    elif looks_like_path(model_id):
+        raise RunnerError(f"cannot load model: no such model directory: {model_id}")
+
+
+def _check_layer_early(model_id: str, layer: int) -> None:
+    """A bad --layer, said before the weights load (the config is a few KB).  Left
+    to `_resolve_layer` when the config has no num_hidden_layers."""
+    from transformers import AutoConfig
+
+    layers = getattr(AutoConfig.from_pretrained(model_id), "num_hidden_layers", None)
+    if isinstance(layers, int) and layers > 0:
+        _resolve_layer(layer, layers, model_id)
+
+
 def _load_encoder(model_id: str, dtype: torch.dtype) -> Any:
     """AutoModel: the base encoder of any head (a CTC checkpoint's encoder weights
     load under its prefix); SDPA attention where the family has it (WavLM has not)."""
@@ -277,8 +326,11 @@ def _load_encoder(model_id: str, dtype: torch.dtype) -> Any:
         return AutoModel.from_pretrained(model_id, attn_implementation="sdpa", dtype=dtype)
     except ValueError as exc:
         if "scaled_dot_product_attention" not in str(exc) and "sdpa" not in str(exc):
-            raise ValueError(f"cannot load model {model_id!r}: {exc}") from None
-    return AutoModel.from_pretrained(model_id, dtype=dtype)
+            raise RunnerError(f"cannot load model {model_id!r}: {_one_line(exc)}") from None
+    try:
+        return AutoModel.from_pretrained(model_id, dtype=dtype)
+    except ValueError as exc:
+        raise RunnerError(f"cannot load model {model_id!r}: {_one_line(exc)}") from None
 
 
 def _encoder_layers(model: Any, model_id: str) -> Sequence[Any]:

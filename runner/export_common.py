@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
-from sqlalchemy import Connection, Engine, func, select
+from sqlalchemy import Connection, Engine, and_, func, or_, select
 
 from runner.db import READ_ONLY
 from runner.errors import RunnerError
@@ -91,13 +91,18 @@ def atomic_binary(path: Path) -> contextlib.AbstractContextManager[IO[bytes]]:
 @contextlib.contextmanager
 def reading(engine: Engine) -> Iterator[Connection]:
     """One read transaction for the whole export: a consistent snapshot (SQLite WAL
-    gives one per transaction; PostgreSQL needs REPEATABLE READ for it)."""
+    gives one per transaction; PostgreSQL needs REPEATABLE READ for it).  Inside
+    `only_spec`, it also looks up which vectors from before specs count as that spec."""
     with engine.connect() as conn:
         conn = conn.execution_options(**{READ_ONLY: True})
         if conn.dialect.name == "postgresql":
             conn = conn.execution_options(isolation_level="REPEATABLE READ")
         with conn.begin():
-            yield conn
+            token = _LEGACY.set(_legacy_of(conn, _SPEC.get()))
+            try:
+                yield conn
+            finally:
+                _LEGACY.reset(token)
 
 
 def stream(conn: Connection, stmt: Any) -> Generator[Any, None, None]:
@@ -131,12 +136,35 @@ def only_spec(spec_id: str | None) -> Iterator[None]:
         _SPEC.reset(token)
 
 
+#: inside `only_spec` and `reading`: the model whose vectors from before specs were
+#: recorded count as that spec (runner.spec.legacy_model), if it is recorded
+_LEGACY: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "runner_export_legacy", default=None
+)
+
+
+def _legacy_of(conn: Connection, spec_id: str | None) -> str | None:
+    from runner.spec import legacy_model, stored_specs
+
+    if spec_id is None:
+        return None
+    recorded = stored_specs(conn, [spec_id]).get(spec_id)
+    return None if recorded is None else legacy_model(recorded)
+
+
 def vectors_where(since: float | None) -> list[Any]:
-    """Done rows that have a vector (every format exports exactly these)."""
+    """Done rows that have a vector (every format exports exactly these).  With
+    `only_spec`, that spec's, including the vectors from before specs that the
+    guard, `runner requeue --other-specs` and the mix check count as it."""
     where = [*finished(Status.DONE, since), jobs.c.vector.is_not(None)]
     spec_id = _SPEC.get()
     if spec_id is not None:
-        where.append(jobs.c.embed_spec == spec_id)
+        legacy = _LEGACY.get()
+        of_spec = jobs.c.embed_spec == spec_id
+        if legacy is not None:
+            unrecorded = and_(jobs.c.embed_spec.is_(None), jobs.c.model_id == legacy)
+            of_spec = or_(of_spec, unrecorded)
+        where.append(of_spec)
     return where
 
 

@@ -1,14 +1,18 @@
 """How a vector was made: the embedding spec, and the guard against mixing them.
 
-An `EmbedSpec` names the model (hub id, or a local checkpoint's absolute path) and
-a fingerprint of its files (config.json and preprocessor_config.json by content,
-weight files by name and size), plus the hidden state (layer), the pooling and
-the dtype.  Its canonical JSON is stored once in ``embed_specs``; its id (32 hex
-of a blake2b of that JSON) is stored on every done job (``jobs.embed_spec``).
+An `EmbedSpec` names the model (`org/name@commit` for a checkpoint of the HF hub
+cache, by hub id or by snapshot directory; else a local checkpoint's absolute path)
+and a fingerprint of what from_pretrained reads (config.json and
+preprocessor_config.json by content, the weight files it picks by name and size),
+plus the hidden state (layer), the pooling and the dtype.  Its canonical JSON is
+stored once in ``embed_specs``; its id (32 hex of a blake2b of that JSON) is stored
+on every done job (``jobs.embed_spec``).
 
 The guard (`check_guard`) runs when a daemon starts: a database that holds done
-vectors of another spec makes it refuse, in one line that names the stored spec
-and the command that requeues those jobs.  Two kinds of done vectors have no spec:
+vectors of another spec, or records another spec before this one (a daemon of it
+may be running without a done job yet), makes it refuse, in one line that names
+the other spec and the command that requeues those jobs.  Check and record are one
+locked transaction.  Two kinds of done vectors have no spec:
 
 * made before specs were recorded (migration 0005): the code then always pooled
   the last hidden state with a mean, so they count as the spec of their model at
@@ -17,18 +21,19 @@ and the command that requeues those jobs.  Two kinds of done vectors have no spe
   operator imported them on purpose and nothing says how they were made; they
   never stop a daemon, and exports name them apart.
 
-The guard must stay cheap on a million jobs: no index covers ``embed_spec``, and
-on SQLite reading it means reading past each row's vector (1.3 s per million
-1024-d vectors, warm).  So it reads the jobs table only when ``embed_specs``
-holds another spec than this daemon's, or none yet: once a spec is recorded, only
-a daemon of another spec can make vectors of another spec, and it records its
-spec before it makes any.  `runner requeue --other-specs` removes the specs it
-leaves without a done vector, so the steady state costs one tiny query.
+The guard must stay cheap on a million jobs, and reads the jobs at every start
+(a shortcut that skipped them once this spec was recorded let a refused daemon
+pass on its second start).  Its queries (`guard_queries`) are a few seeks of the
+partial covering index ix_jobs_done_spec, so they never read a vector: on SQLite
+at a million jobs, 900,000 of them done with one spec or from before specs, under
+0.1 ms with or without ANALYZE (one query with `!=` and `NOT IN` took 1.2-1.8 s
+once ANALYZE had run: SQLite scanned the table).
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import time
@@ -37,10 +42,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Engine, and_, case, delete, func, literal, or_, select
+from sqlalchemy import Connection, Engine, and_, case, delete, func, literal, or_, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 
-from runner.db import READ_ONLY
 from runner.errors import RunnerError
 from runner.models import ADOPTED, embed_specs, jobs
 
@@ -48,8 +52,6 @@ log = logging.getLogger(__name__)
 
 #: pooling over the L2-normalised frames: their mean; or mean and standard deviation
 POOLINGS = ("mean", "mean-std")
-#: files whose name and size identify a checkpoint's weights
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".json")
 #: files identified by their content: they change what the vectors are
 CONTENT_FILES = ("config.json", "preprocessor_config.json")
 DONE = "done"
@@ -102,32 +104,62 @@ class EmbedSpec:
 
 def legacy_model(spec: EmbedSpec) -> str | None:
     """The model whose vectors from before specs were recorded count as this spec:
-    they were the last hidden state, mean-pooled; None if this spec is not that."""
-    return spec.model if spec.last_layer and spec.pooling == "mean" else None
+    they were the last hidden state, mean-pooled; None if this spec is not that.
+    Those jobs hold --model as given: a hub id without the `@commit` the spec adds."""
+    if not (spec.last_layer and spec.pooling == "mean"):
+        return None
+    if not spec.model.startswith("/") and "@" in spec.model:
+        return spec.model.rpartition("@")[0]
+    return spec.model
 
 
 # --- fingerprints -----------------------------------------------------------------
 
+#: the weight files AutoModel.from_pretrained picks, in its order of preference:
+#: (file, its shard index); the first one present is what loads
+WEIGHT_CHOICES = (
+    ("model.safetensors", "model.safetensors.index.json"),
+    ("pytorch_model.bin", "pytorch_model.bin.index.json"),
+)
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The weight files from_pretrained loads from `path`: model.safetensors, or its
+    index and the shards it names; else pytorch_model.bin, or its index and shards.
+    Nothing else in the directory (a tokenizer's files, the other format's copy)."""
+    for single, index in WEIGHT_CHOICES:
+        if (path / single).is_file():
+            return [path / single]
+        if (path / index).is_file():
+            try:
+                shards = set(json.loads((path / index).read_text())["weight_map"].values())
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                shards = set()
+            return [path / index, *(path / name for name in sorted(shards))]
+    return []
+
 
 def fingerprint_dir(path: Path) -> str:
-    """config.json and preprocessor_config.json by content, weight files by name and
-    size (hashing gigabytes of weights at every start would cost seconds)."""
+    """What AutoModel and AutoFeatureExtractor read: config.json and
+    preprocessor_config.json by content, the chosen weight files by name and size
+    (hashing gigabytes of weights at every start would cost seconds).  Other files
+    (vocab.json and a tokenizer's, a second copy of the weights in the other
+    format) change nothing that loads, so nothing here."""
     digest = hashlib.blake2b(digest_size=8)
     for name in CONTENT_FILES:
         file = path / name
         content = file.read_bytes() if file.is_file() else b"-"
         digest.update(name.encode() + b"\0" + content + b"\0")
-    for file in sorted(path.iterdir()):
-        weights = file.name not in CONTENT_FILES and file.name.endswith(WEIGHT_SUFFIXES)
-        if weights and file.is_file():  # is_file and stat follow the hub cache's symlinks
-            digest.update(f"{file.name}\0{file.stat().st_size}\0".encode())
+    for file in weight_files(path):  # is_file and stat follow the hub cache's symlinks
+        size = file.stat().st_size if file.is_file() else -1
+        digest.update(f"{file.name}\0{size}\0".encode())
     return digest.hexdigest()
 
 
 def checkpoint_dir(model_id: str) -> Path | None:
     """Where from_pretrained(model_id) read the files: the directory itself, or the
     hub cache's snapshot holding its config.json; None if neither is found."""
-    path = Path(model_id)
+    path = Path(model_id).expanduser()
     if path.is_dir():
         return path
     try:
@@ -139,11 +171,28 @@ def checkpoint_dir(model_id: str) -> Path | None:
     return Path(cached).parent if isinstance(cached, str) else None
 
 
+def hub_name(directory: Path) -> str | None:
+    """`org/name@commit` for a snapshot of the HF hub cache
+    (.../models--org--name/snapshots/<commit>), else None."""
+    snapshots, repo = directory.parent, directory.parent.parent
+    if snapshots.name != "snapshots" or not repo.name.startswith("models--"):
+        return None
+    return f"{repo.name.removeprefix('models--').replace('--', '/')}@{directory.name}"
+
+
 def model_name(model_id: str) -> str:
-    """A local checkpoint by its absolute path (another directory is another model,
-    even with equal sizes); a hub id as given."""
-    path = Path(model_id)
-    return str(path.resolve()) if path.is_dir() else model_id
+    """What the spec calls the model.  A checkpoint of the hub cache, whether named
+    by its hub id or by its snapshot directory, is `org/name@commit` (one name for
+    both spellings, and a new revision is another model); any other local
+    checkpoint is its absolute path (another directory is another model, even with
+    equal sizes); a hub id whose files are not found, as given."""
+    path = Path(model_id).expanduser()
+    if path.is_dir():
+        resolved = path.resolve()
+        return hub_name(resolved) or str(resolved)
+    directory = checkpoint_dir(model_id)
+    named = hub_name(directory.resolve()) if directory is not None else None
+    return named or model_id
 
 
 def fingerprint(model_id: str, config_json: str) -> str:
@@ -158,13 +207,39 @@ def fingerprint(model_id: str, config_json: str) -> str:
 
 # --- the database -----------------------------------------------------------------
 
+#: pg_advisory_xact_lock key serialising the guard's check-and-record ("runnerspec")
+SPEC_LOCK_ID = 0x72756E73706563
+
+
+def _lock(conn: Connection) -> None:
+    """Take the lock that makes check-and-record one step.  SQLite's engine began the
+    transaction IMMEDIATE (runner/db.py), so it holds the write lock already;
+    PostgreSQL takes an advisory lock, held until the transaction ends."""
+    if conn.dialect.name == "postgresql":
+        conn.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": SPEC_LOCK_ID})
+
+
+def _recorded(conn: Connection) -> dict[str, float]:
+    """Every recorded spec's id -> created_at."""
+    rows = conn.execute(select(embed_specs.c.id, embed_specs.c.created_at))
+    return {row.id: float(row.created_at) for row in rows}
+
+
+def _record(conn: Connection, spec: EmbedSpec, recorded: dict[str, float], now: float) -> None:
+    """Insert the spec (under `_lock`).  created_at is kept after every other one's,
+    whatever the clocks of the machines that recorded them say: the guard relies on
+    the order in which specs were recorded."""
+    created = max([now, *(at + 0.001 for at in recorded.values())])
+    values = {"id": spec.id, "spec": spec.to_json(), "created_at": created}
+    insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
+    conn.execute(insert(embed_specs).values(**values).on_conflict_do_nothing())
+
 
 def register(engine: Engine, spec: EmbedSpec, *, now: float | None = None) -> None:
-    """Record the spec in embed_specs (once; daemons starting together may race)."""
-    values = {"id": spec.id, "spec": spec.to_json(), "created_at": now or time.time()}
-    insert = postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
+    """Record the spec in embed_specs, if it is not already there."""
     with engine.begin() as conn:
-        conn.execute(insert(embed_specs).values(**values).on_conflict_do_nothing())
+        _lock(conn)
+        _record(conn, spec, _recorded(conn), now or time.time())
 
 
 def stored_specs(conn: Connection, ids: Iterable[str] | None = None) -> dict[str, EmbedSpec]:
@@ -174,57 +249,118 @@ def stored_specs(conn: Connection, ids: Iterable[str] | None = None) -> dict[str
     return {row.id: EmbedSpec.from_json(row.spec) for row in conn.execute(stmt)}
 
 
+def _foreign_terms(spec_id: str, legacy: str | None) -> list[Any]:
+    """The kinds of done vectors not of spec `spec_id` (adopted ones aside; legacy:
+    the model whose vectors from before specs count as this spec), each one seek of
+    the partial index ix_jobs_done_spec (status, embed_spec, model_id) WHERE status
+    = 'done': specs below this id, above it; no spec and a model_id that is NULL,
+    or below, between or above the excluded ones (a `NOT IN` would walk the index
+    entries of every vector from before specs: 100 ms at 900,000)."""
+    done = jobs.c.status == DONE  # a done job always has its vector
+    unrecorded = and_(done, jobs.c.embed_spec.is_(None))
+    model = jobs.c.model_id
+    excluded = sorted({ADOPTED, legacy or ADOPTED})
+    gaps = [model.is_(None), model < excluded[0]]
+    gaps += [and_(model > low, model < high) for low, high in itertools.pairwise(excluded)]
+    gaps.append(model > excluded[-1])
+    return [
+        and_(done, jobs.c.embed_spec < spec_id),
+        and_(done, jobs.c.embed_spec > spec_id),
+        *(and_(unrecorded, gap) for gap in gaps),
+    ]
+
+
 def foreign_done(spec_id: str, legacy: str | None) -> Any:
     """WHERE term: done vectors that are not of spec `spec_id`, adopted ones aside
     (legacy: the model whose vectors from before specs count as this spec)."""
-    unrecorded = and_(
-        jobs.c.embed_spec.is_(None),
-        func.coalesce(jobs.c.model_id, "").not_in([ADOPTED, legacy or ADOPTED]),
-    )
-    return and_(
-        jobs.c.status == DONE,  # a done job always has its vector
-        or_(and_(jobs.c.embed_spec.is_not(None), jobs.c.embed_spec != spec_id), unrecorded),
-    )
+    return or_(*_foreign_terms(spec_id, legacy))
 
 
-def _reading(engine: Engine) -> Connection:
-    """A read transaction: on SQLite it does not take the write lock."""
-    return engine.connect().execution_options(**{READ_ONLY: True})
+def guard_queries(spec: EmbedSpec) -> list[Any]:
+    """One done vector of another spec than `spec`, if there is one: a few queries,
+    one per range of ix_jobs_done_spec, each planned as a seek of that covering
+    index whatever SQLite's statistics say.  (Their OR in one query was planned as
+    a MULTI-INDEX OR without statistics, but as a scan of the whole table, vectors
+    and all, once ANALYZE had run on a database of one spec.)"""
+    columns = (jobs.c.embed_spec, jobs.c.model_id)
+    terms = _foreign_terms(spec.id, legacy_model(spec))
+    return [select(*columns).where(term).limit(1) for term in terms]
 
 
-def check_guard(engine: Engine, spec: EmbedSpec) -> None:
-    """Refuse (SpecMismatch, one line) if done vectors of another spec are stored;
-    otherwise record this spec.  The refused spec is recorded too, so that the
-    command the message gives can name it."""
-    with _reading(engine) as conn:
-        known = stored_specs(conn)
-    if set(known) == {spec.id}:
-        return  # recorded before: it passed then, and no other spec has run since
-    if spec.id not in known:
-        register(engine, spec)
-    with _reading(engine) as conn:
-        stmt = select(jobs.c.embed_spec, jobs.c.model_id).where(
-            foreign_done(spec.id, legacy_model(spec))
+def check_guard(engine: Engine, spec: EmbedSpec, *, now: float | None = None) -> None:
+    """Refuse (SpecMismatch, one line) to start a daemon of `spec` if the database
+    holds done vectors of another spec, or records another spec before this one (a
+    daemon of it may be running and not have finished a job yet); otherwise record
+    this spec.  Check and record are one locked transaction, so of two daemons
+    starting together the second sees the first one's spec.
+
+    Specs recorded after this one do not stop it (unless they have done vectors):
+    a spec recorded while this one was recorded was refused at its start.  The
+    refused spec is recorded too, so that the command the message gives can name it.
+    """
+    with engine.begin() as conn:
+        _lock(conn)
+        recorded = _recorded(conn)
+        row = next(
+            (row for query in guard_queries(spec) if (row := conn.execute(query).first())),
+            None,
         )
-        row = conn.execute(stmt.limit(1)).first()
-    if row is None:
+        mine = recorded.get(spec.id)
+        earlier = [i for i, at in recorded.items() if i != spec.id and (mine is None or at < mine)]
+        if mine is None:  # passing or not: the command below needs it recorded
+            _record(conn, spec, recorded, now or time.time())
+        known = stored_specs(conn)
+    if row is None and not earlier:
         return
-    if row.embed_spec is not None:
-        other = known.get(row.embed_spec)
-        stored = other.describe() if other else f"spec {row.embed_spec} (not recorded)"
-    else:
-        stored = f"{row.model_id} (recorded before specs: last layer, mean pooling)"
+    keep = (
+        f"run `runner requeue --other-specs --keep {spec.id}` to embed those jobs "
+        "again with this one"
+    )
+    if row is not None:
+        if row.embed_spec is not None:
+            other = known.get(row.embed_spec)
+            stored = other.describe() if other else f"spec {row.embed_spec} (not recorded)"
+        else:
+            stored = f"{row.model_id} (recorded before specs: last layer, mean pooling)"
+        raise SpecMismatch(
+            f"this database holds done vectors of another embedding spec: {stored}; "
+            f"this daemon's is {spec.describe()}. Start the daemon with the stored "
+            f"spec's options, or stop every daemon of the other spec and {keep}"
+        )
+    others = "; ".join(known[i].describe() for i in earlier if i in known)
     raise SpecMismatch(
-        f"this database holds done vectors of another embedding spec: {stored}; this "
-        f"daemon's is {spec.describe()}. Start the daemon with the stored spec's "
-        f"options, or stop every daemon of the other spec and run `runner requeue "
-        f"--other-specs --keep {spec.id}` to embed those jobs again with this one"
+        f"this database records another embedding spec, with no done vectors yet (a "
+        f"daemon of it may be running, or a `runner serve` recorded it): {others}; "
+        f"this daemon's is {spec.describe()}. Start the daemon with the recorded "
+        f"spec's options, or stop every daemon of the other spec and run `runner "
+        f"requeue --other-specs --keep {spec.id}` (it forgets the other spec)"
+    )
+
+
+def record_for_serve(engine: Engine, spec: EmbedSpec, *, now: float | None = None) -> str | None:
+    """`runner serve` stores no vectors, so it is never refused; it records its spec
+    (for the id /encode_audio answers to be looked up) only where no other spec is
+    recorded, so as not to stop the daemons.  Returns a warning otherwise."""
+    with engine.begin() as conn:
+        _lock(conn)
+        recorded = _recorded(conn)
+        if spec.id in recorded:
+            return None
+        if not recorded:
+            _record(conn, spec, recorded, now or time.time())
+            return None
+        known = stored_specs(conn)
+    others = "; ".join(s.describe() for s in known.values())
+    return (
+        f"this server's embedding spec is not the database's, so it is not recorded "
+        f"(/encode_audio answers name spec {spec.id}, {spec.describe()}; the "
+        f"database records {others})"
     )
 
 
 def forget_unused(conn: Connection, keep: str) -> int:
     """Remove the specs, other than `keep`, that no done job has (after a requeue),
-    so the guard's steady state reads no jobs.  Returns how many went."""
+    so they stop no daemon of `keep`.  Returns how many went."""
     used = select(literal(1)).where(jobs.c.status == DONE, jobs.c.embed_spec == embed_specs.c.id)
     stmt = delete(embed_specs).where(embed_specs.c.id != keep, ~used.exists())
     return int(conn.execute(stmt).rowcount or 0)

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from runner.embed import Embedder, WindowBatcher, WindowItem, pool
+from runner.errors import RunnerError
 from tests.argv import daemon_args
 from tests.conftest import Cli, MediaServer, write_catalogue
 
@@ -236,8 +237,6 @@ def test_bad_layer_or_pooling_is_one_line_at_start(
 def test_not_an_audio_encoder_is_refused(tmp_path: Path) -> None:
     from transformers import BertConfig, BertModel
 
-    from runner.errors import RunnerError
-
     config = BertConfig(
         hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16
     )
@@ -248,3 +247,49 @@ def test_not_an_audio_encoder_is_refused(tmp_path: Path) -> None:
     )
     with pytest.raises(RunnerError, match="not a wav2vec2-family audio encoder"):
         Embedder(str(tmp_path / "bert"), device="cpu")
+
+
+def test_missing_model_files_are_one_line_errors(
+    checkpoints: dict[str, Path], cli: Cli, tmp_path: Path
+) -> None:
+    """A path that is not there, a checkpoint without its feature extractor's file,
+    and a bad --layer (said from config.json, before any weight loads): each one
+    line, no exception class in it."""
+    import shutil
+
+    no_weights = tmp_path / "no-weights"
+    shutil.copytree(checkpoints["hubert"], no_weights)
+    (no_weights / "model.safetensors").unlink()
+    no_features = tmp_path / "no-features"
+    shutil.copytree(checkpoints["hubert"], no_features)
+    (no_features / "preprocessor_config.json").unlink()
+    cases = {
+        str(tmp_path / "nowhere"): f"no such model directory: {tmp_path / 'nowhere'}",
+        "relative/deeper/nowhere": "no such model directory: relative/deeper/nowhere",
+        str(no_features): f"{no_features} has no preprocessor_config.json",
+        str(no_weights): "--layer 5 is out of range",
+    }
+    for model, fragment in cases.items():
+        result = cli(*daemon_args(Path(model), tmp_path / "work", "--layer", "5"), ok=False)
+        (line,) = result.stderr.splitlines()
+        assert line.startswith("runner: error: cannot load model") or "out of range" in line
+        assert fragment in line and "Error:" not in line, line
+    with pytest.raises(RunnerError, match="no such model directory"):
+        Embedder(str(tmp_path / "nowhere"), device="cpu")
+
+
+def test_a_hub_snapshot_directory_is_named_by_its_repo_and_commit(
+    checkpoints: dict[str, Path], tmp_path: Path
+) -> None:
+    """--model pointing into the HF hub cache gets the name a hub id gets, and a
+    tokenizer's files in the snapshot do not change the spec."""
+    import shutil
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = tmp_path / "models--org--tiny-hubert" / "snapshots" / commit
+    shutil.copytree(checkpoints["hubert"], snapshot)
+    first = Embedder(str(snapshot), device="cpu").spec
+    assert first.model == f"org/tiny-hubert@{commit}"
+    (snapshot / "vocab.json").write_text('{"<pad>": 0, "a": 1}')
+    (snapshot / "tokenizer_config.json").write_text("{}")
+    assert Embedder(str(snapshot), device="cpu").spec.id == first.id

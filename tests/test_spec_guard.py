@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from sqlalchemy import Engine, select, update
+from sqlalchemy import Engine, delete, insert, select, update
 
 from runner import catalogue, jobs
 from runner.db import connect
@@ -22,7 +24,12 @@ from runner.spec import (
     EmbedSpec,
     SpecMismatch,
     check_guard,
+    fingerprint,
     fingerprint_dir,
+    guard_queries,
+    legacy_model,
+    model_name,
+    record_for_serve,
     register,
     requeue_other_specs,
 )
@@ -122,22 +129,135 @@ def test_vectors_without_a_spec(engine: Engine) -> None:
     assert statuses(engine) == {"legacy": ("pending", None), "adopted": ("done", None)}
 
 
-def test_the_steady_state_reads_no_jobs(engine: Engine) -> None:
-    """Once this spec is the only one recorded, the guard asks embed_specs alone:
-    a row written behind its back (no daemon records its spec first) goes unseen,
-    which is what makes it cheap at a million jobs."""
-    mine = spec("m")
-    check_guard(engine, mine)
-    add_done(engine, {"x": ("e" * 32, "m")})
-    check_guard(engine, mine)
-    register(engine, spec("other"))  # another daemon started: now it looks
+def test_a_refused_daemon_is_refused_again(engine: Engine) -> None:
+    """The guard reads the done rows at every start: once the refused spec was the
+    only one recorded, a shortcut let its second start pass beside vectors from
+    before specs of another model (and missed rows written behind its back)."""
+    add_done(engine, {"a": (None, "old-model"), "b": (None, "old-model")})
+    new = spec("new-model")
+    for _ in range(2):
+        with pytest.raises(SpecMismatch, match=r"old-model \(recorded before specs"):
+            check_guard(engine, new)
+    assert requeue_other_specs(engine, new.id) == (2, 0)  # what the message says
+    check_guard(engine, new)
+    check_guard(engine, new)
+    # the jobs done again, one by a daemon that recorded no spec: the next start sees it
+    add_done(engine, {"a": (new.id, "new-model"), "b": ("e" * 32, "new-model")})
     with pytest.raises(SpecMismatch, match=r"spec e{32} \(not recorded\)"):
-        check_guard(engine, mine)
+        check_guard(engine, new)
+
+
+def spec_rows(engine: Engine) -> list[tuple[str, float]]:
+    with engine.connect() as conn:
+        stmt = select(embed_specs.c.id, embed_specs.c.created_at).order_by(embed_specs.c.created_at)
+        return [(row.id, row.created_at) for row in conn.execute(stmt)]
+
+
+def test_a_recorded_spec_without_done_vectors_stops_another(engine: Engine) -> None:
+    """A daemon of spec a has started and finished nothing yet: b is refused, naming
+    a and the command.  b's refusal (recorded after a) does not stop a's restarts;
+    once the command forgot a, b runs and a is the one refused."""
+    a, b = spec("model-a"), spec("model-b", layer=1)
+    check_guard(engine, a, now=NOW)
+    with pytest.raises(SpecMismatch) as refused:
+        check_guard(engine, b, now=NOW - 60)  # a clock behind: still recorded after a
+    message = str(refused.value)
+    assert "\n" not in message and "no done vectors yet" in message
+    assert a.describe() in message and b.describe() in message
+    assert f"runner requeue --other-specs --keep {b.id}" in message
+    assert [spec_id for spec_id, _ in spec_rows(engine)] == [a.id, b.id]
+    with pytest.raises(SpecMismatch):
+        check_guard(engine, b)  # its second start too
+    check_guard(engine, a)  # a restarts: b was refused, it stops nothing
+    assert requeue_other_specs(engine, b.id) == (0, 1)
+    check_guard(engine, b)
+    with pytest.raises(SpecMismatch, match="model-b"):
+        check_guard(engine, a)
+
+
+def test_two_daemons_starting_together(any_db_url: str) -> None:
+    """Check and record are one locked transaction: of two daemons of different
+    specs starting at the same moment on an empty database, exactly one passes."""
+    specs = [spec("model-a"), spec("model-b")]
+    for _ in range(5):
+        engines = [connect(any_db_url) for _ in specs]
+        barrier = threading.Barrier(len(specs))
+
+        def start(engine: Engine, mine: EmbedSpec, barrier: threading.Barrier = barrier) -> bool:
+            barrier.wait()
+            try:
+                check_guard(engine, mine)
+            except SpecMismatch:
+                return False
+            return True
+
+        with ThreadPoolExecutor(len(specs)) as pool:
+            passed = list(pool.map(start, engines, specs))
+        assert sorted(passed) == [False, True]
+        winner = specs[passed.index(True)]
+        assert spec_rows(engines[0])[0][0] == winner.id
+        with engines[0].begin() as conn:
+            conn.execute(delete(embed_specs))
+        for engine in engines:
+            engine.dispose()
+
+
+def test_guard_query_seeks_the_covering_index(tmp_path: Path) -> None:
+    """SQLite plans the guard as seeks on ix_jobs_done_spec, never a scan of the
+    table (whose rows hold the vectors), with or without ANALYZE's statistics (with
+    them, SQLite scanned the table for the three seeks OR-ed in one query)."""
+    engine = connect(f"sqlite:///{tmp_path / 'runner.db'}")
+    mine = spec("m")
+    rows = [
+        {
+            "key": f"k{i}",
+            "status": "done" if i % 10 else "pending",
+            "created_at": NOW,
+            "embed_spec": mine.id if i % 10 else None,
+            "model_id": "m",
+            "vector": b"\0" * 64,
+            "vector_dim": 16,
+        }
+        for i in range(2000)
+    ]
+    with engine.begin() as conn:
+        conn.execute(insert(jobs_table), rows)
+    queries = [
+        query.compile(engine, compile_kwargs={"literal_binds": True})
+        for query in guard_queries(mine)
+    ]
+    for analyze in (False, True):
+        with engine.begin() as conn:
+            if analyze:
+                conn.exec_driver_sql("ANALYZE")
+            for query in queries:
+                plan = [row[-1] for row in conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {query}")]
+                assert len(plan) == 1, plan
+                assert plan[0].startswith("SEARCH jobs USING COVERING INDEX ix_jobs_done_spec ")
+    check_guard(engine, mine)
+    engine.dispose()
+
+
+def test_serve_records_its_spec_only_where_none_is(engine: Engine) -> None:
+    """`runner serve` stores no vectors: never refused; its spec is recorded (for
+    /encode_audio's id to be looked up) only on a database that records none."""
+    served, daemon_spec = spec("m"), spec("m", dtype="bfloat16")
+    assert record_for_serve(engine, served) is None
+    assert record_for_serve(engine, served) is None
+    assert [spec_id for spec_id, _ in spec_rows(engine)] == [served.id]
+    check_guard(engine, served)  # a daemon of the same spec
+    with pytest.raises(SpecMismatch, match="a `runner serve` recorded it"):
+        check_guard(engine, daemon_spec)
+    requeue_other_specs(engine, daemon_spec.id)
+    check_guard(engine, daemon_spec)
+    warning = record_for_serve(engine, served)
+    assert warning is not None and served.id in warning and "bfloat16" in warning
+    assert [spec_id for spec_id, _ in spec_rows(engine)] == [daemon_spec.id]
 
 
 def test_fingerprint_follows_config_and_weight_sizes(tmp_path: Path) -> None:
-    """Config files by content, weights by name and size, through the hub cache's
-    symlinks as through plain files."""
+    """Config files by content, the weights from_pretrained picks by name and size,
+    through the hub cache's symlinks as through plain files; nothing else."""
     blobs, snapshot = tmp_path / "blobs", tmp_path / "snapshot"
     blobs.mkdir()
     snapshot.mkdir()
@@ -157,6 +277,10 @@ def test_fingerprint_follows_config_and_weight_sizes(tmp_path: Path) -> None:
     before = fingerprint_dir(snapshot)
     assert fingerprint_dir(plain) == before
     (plain / "README.md").write_bytes(b"changed")
+    # what a processor or a whole-repo download adds: nothing from_pretrained reads
+    for name in ("vocab.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (plain / name).write_text('{"<pad>": 0}')
+    (plain / "pytorch_model.bin").write_bytes(b"\0" * 99)  # safetensors is preferred
     assert fingerprint_dir(plain) == before
     (plain / "model.safetensors").write_bytes(b"\1" * 64)  # same size: same print
     assert fingerprint_dir(plain) == before
@@ -164,6 +288,58 @@ def test_fingerprint_follows_config_and_weight_sizes(tmp_path: Path) -> None:
     assert fingerprint_dir(plain) != before
     (blobs / "preprocessor_config.json").write_bytes(b'{"do_normalize": false}')
     assert fingerprint_dir(snapshot) != before
+
+    # without model.safetensors: pytorch_model.bin; sharded: the index and its shards
+    (plain / "model.safetensors").unlink()
+    bin_only = fingerprint_dir(plain)
+    (plain / "pytorch_model.bin").write_bytes(b"\0" * 98)
+    assert fingerprint_dir(plain) != bin_only
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    for name in ("config.json", "preprocessor_config.json"):
+        (sharded / name).write_bytes(files[name])
+    shards = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    index = {"weight_map": {"a": shards[0], "b": shards[1]}}
+    (sharded / "model.safetensors.index.json").write_text(json.dumps(index))
+    for name in shards:
+        (sharded / name).write_bytes(b"\0" * 10)
+    first = fingerprint_dir(sharded)
+    (sharded / shards[1]).write_bytes(b"\0" * 11)
+    assert fingerprint_dir(sharded) != first
+
+
+def test_a_hub_id_and_its_snapshot_directory_are_one_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`org/name@commit` either way; a processor's files downloaded into the snapshot
+    later change nothing (the reviewer's three spec ids for one checkpoint)."""
+    import huggingface_hub.constants
+
+    commit = "c0ffee" * 6 + "abcd"
+    repo = tmp_path / "hub" / "models--org--tiny"
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    for name, content in {
+        "config.json": '{"model_type": "wav2vec2"}',
+        "preprocessor_config.json": '{"do_normalize": true}',
+        "model.safetensors": "weights",
+    }.items():
+        (snapshot / name).write_text(content)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+
+    def spec_of(model_id: str) -> EmbedSpec:
+        return spec(model_name(model_id), fingerprint=fingerprint(model_id, "{}"))
+
+    by_id = spec_of("org/tiny")
+    assert by_id.model == f"org/tiny@{commit}"
+    (snapshot / "vocab.json").write_text('{"<pad>": 0, "a": 1}')
+    (snapshot / "tokenizer_config.json").write_text("{}")
+    assert spec_of("org/tiny") == by_id
+    assert spec_of(str(snapshot)) == by_id
+    assert legacy_model(by_id) == "org/tiny"  # what jobs from before specs hold
+    assert model_name(str(tmp_path)) == str(tmp_path.resolve())  # any other directory
 
 
 def daemon(cli: Cli, model: Path, workdir: Path, *extra: str, ok: bool = True):  # type: ignore[no-untyped-def]
@@ -277,6 +453,13 @@ def test_adopted_and_legacy_vectors_beside_one_spec_export(
     assert "1 vector(s): m (made before specs were recorded" in out
     specs = json.loads((tmp_path / "out" / "audio_specs.json").read_text())
     assert specs["keys"] == {"new": mine.id, "legacy": "unrecorded:m", "old": "adopted"}
+    # --spec: the legacy vector counts as the spec (as for the guard and the requeue)
+    cli("export", "--out", str(tmp_path / "one"), "--spec", mine.id)
+    vectors = json.loads((tmp_path / "one" / "audio_vectors.json").read_text())
+    assert set(vectors) == {"new", "legacy"}
+    cli("export", "--out", str(tmp_path / "npz"), "--spec", mine.id, "--format", "npz")
+    with np.load(tmp_path / "npz" / "vectors.npz") as npz:
+        assert sorted(npz_keys(npz)) == ["legacy", "new"]
     # a legacy vector of another model is a mix
     with engine.begin() as conn:
         conn.execute(
