@@ -15,6 +15,7 @@ import itertools
 import json
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -116,24 +117,56 @@ class Page:
         await self.send("Page.navigate", url=url)
 
 
+def _stderr_tail(path: Path, limit: int = 2000) -> str:
+    try:
+        text = path.read_text(errors="replace").strip()
+    except OSError:
+        return ""
+    return text[-limit:]
+
+
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    """The browser and every process it started (zygotes, GPU and network services:
+    its session), so none outlives the test and writes into a removed profile."""
+    for sig, wait_s in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 10.0)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(wait_s)
+    # the leader is reaped; SIGKILL went to the whole group, so no child is left
+    # running in the profile once this returns (they die as the kernel delivers it)
+
+
 @contextlib.asynccontextmanager
-async def open_page() -> AsyncIterator[Page]:
-    """A fresh headless browser and its one tab, with Page, Runtime and Network on."""
+async def open_page(root: Path | None = None) -> AsyncIterator[Page]:
+    """A fresh headless browser and its one tab, with Page, Runtime and Network on.
+
+    Its profile and log live in a new folder under `root` (a test's tmp_path), or
+    in a temporary one that is removed; the browser runs in a session of its own,
+    whose whole process group is killed on the way out."""
     binary = find_chromium()
     if binary is None:
         unavailable(f"none of {', '.join(NAMES)} is on PATH")
-    profile = Path(tempfile.mkdtemp(prefix="runner-chromium-"))
-    proc = subprocess.Popen(
-        browser_argv(binary, profile, "--remote-debugging-port=0", "about:blank"),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    home = Path(tempfile.mkdtemp(prefix="runner-chromium-", dir=root))
+    profile = home / "profile"
+    profile.mkdir()
+    stderr_path = home / "chromium.stderr"
+    with stderr_path.open("wb") as stderr:
+        proc = subprocess.Popen(
+            browser_argv(binary, profile, "--remote-debugging-port=0", "about:blank"),
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            start_new_session=True,
+        )
     try:
         port_file = profile / "DevToolsActivePort"
         deadline = time.monotonic() + 30
         while not (port_file.exists() and port_file.read_text().strip()):
             if proc.poll() is not None or time.monotonic() > deadline:
-                unavailable(f"{binary} did not start (exit status {proc.poll()})")
+                unavailable(
+                    f"{binary} did not start (exit status {proc.poll()}); its stderr ends:\n"
+                    + _stderr_tail(stderr_path)
+                )
             await asyncio.sleep(0.05)
         port = int(port_file.read_text().split()[0])
         async with aiohttp.ClientSession() as session:
@@ -146,10 +179,5 @@ async def open_page() -> AsyncIterator[Page]:
                     await page.send(f"{domain}.enable")
                 yield page
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-        shutil.rmtree(profile, ignore_errors=True)
+        _kill_group(proc)
+        shutil.rmtree(home, ignore_errors=True)

@@ -178,7 +178,7 @@ def test_page_in_a_headless_browser_matches_status(
     args = ["serve", "--http", "127.0.0.1:0", "--model", str(tiny_model), "--device", "cpu"]
     proc, base = _start_serve([*args, "--workdir", str(tmp_path / "w")], tmp_path, env)
     try:
-        asyncio.run(_browse(base))
+        asyncio.run(_browse(base, tmp_path))
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0
@@ -194,8 +194,8 @@ async def reload(page: Page, state: str) -> None:
     )
 
 
-async def _browse(base: str) -> None:
-    async with open_page() as page:
+async def _browse(base: str, root: Path) -> None:
+    async with open_page(root) as page:
         # no token yet: the page asks for it, once
         await page.goto(base + "/")
         await page.wait_for("document.body.dataset.state === 'token'")
@@ -253,6 +253,76 @@ async def _browse(base: str) -> None:
         assert all(TOKEN not in r["url"] for r in sent)
         status_calls = [r for r in sent if "/status" in r["url"]]
         assert any(r["headers"].get("Authorization") == f"Bearer {TOKEN}" for r in status_calls)
+
+
+IMG = "<img src=x onerror=alert(1)>"
+SVG_TAG = '"><svg onload=alert(1)>'
+#: no element the payloads would make, and no handler attribute anywhere
+INJECTED = """JSON.stringify({
+  imgs: document.querySelectorAll('img').length,
+  handlers: [...document.querySelectorAll('*')]
+    .filter(e => e.hasAttribute('onerror') || e.hasAttribute('onload')).map(e => e.outerHTML),
+  svgs: [...document.querySelectorAll('svg')].filter(s => !s.hasAttribute('role')).length,
+  text: document.body.textContent,
+})"""
+
+#: the page's own render() given /status with counts read some seconds before `now`
+AS_OF_WITH_COUNTS_AGED = """(async () => {
+  const token = sessionStorage.getItem('runner-api-token');
+  const reply = await fetch('/status?top=10', {headers: {Authorization: `Bearer ${token}`}});
+  const report = await reply.json();
+  render({...report, counts_as_of: report.now - %d});
+  return document.getElementById('as-of').textContent;
+})()"""
+
+
+def test_keys_messages_and_worker_ids_are_shown_as_text(
+    plain_api: ApiServer, tmp_path: Path
+) -> None:
+    """Keys, failure messages and worker ids come from catalogues, remote servers and
+    other machines: the page shows markup in them as text, never as elements.  And
+    counts older than the report (a big database's) say how old they are."""
+    if find_chromium() is None:
+        unavailable("no chromium on PATH")
+    engine = connect(plain_api.db_url)
+    try:
+        now = time.time()
+        add_jobs(engine, ["xss-a", "xss-b", "xss-c"], now=now - 100)
+        finish(engine, {}, {"xss-a": SVG_TAG, "xss-b": IMG}, now=now - 30, keep_running=("xss-c",))
+        with engine.begin() as conn:
+            for old, new in (("xss-a", IMG), ("xss-b", SVG_TAG)):
+                conn.exec_driver_sql("UPDATE jobs SET key = ? WHERE key = ?", (new, old))
+            conn.exec_driver_sql(
+                "UPDATE jobs SET worker_id = ? WHERE key = 'xss-c'", (f"{SVG_TAG}:1:{IMG}",)
+            )
+    finally:
+        engine.dispose()
+
+    async def browse() -> dict[str, object]:
+        async with open_page(tmp_path) as page:
+            await page.goto(plain_api.base_url + "/")
+            await page.wait_for("document.body.dataset.state === 'token'")
+            await page.evaluate(
+                f"document.getElementById('token').value = {json.dumps(TOKEN)};"
+                "document.getElementById('token-form').requestSubmit(); true"
+            )
+            await page.wait_for(
+                "document.body.dataset.state === 'ready' && "
+                f"document.getElementById('workers').textContent.includes({json.dumps(IMG)})"
+            )
+            found = dict(json.loads(await page.evaluate(INJECTED)))
+            # counts older than ~10 s (a big database's, re-read every 25-60 s) say so
+            found["as_of"] = await page.evaluate(AS_OF_WITH_COUNTS_AGED % 30)
+            found["as_of_fresh"] = await page.evaluate(AS_OF_WITH_COUNTS_AGED % 2)
+            return found
+
+    found = asyncio.run(browse())
+    assert "Counts as of 30s earlier." in str(found["as_of"]), found["as_of"]
+    assert "Counts as of" not in str(found["as_of_fresh"]), found["as_of_fresh"]
+    assert found["imgs"] == 0 and found["handlers"] == [] and found["svgs"] == 0, found
+    text = str(found["text"])
+    for payload in (IMG, SVG_TAG, f"{SVG_TAG}:1:{IMG}"):
+        assert payload in text, payload  # shown, as text
 
 
 def test_a_slow_report_is_served_while_the_next_is_made(plain_api: ApiServer) -> None:

@@ -9,6 +9,9 @@
 "use strict";
 
 const REFRESH_MS = 5000;
+// counts older than this (seconds) are said to be (the daemon re-reads a million
+// jobs' counts only every 25-60 s)
+const COUNTS_STALE_S = 10;
 const TOKEN_KEY = "runner-api-token";
 const STATES = ["pending", "running", "done", "failed"];
 const SVG = "http://www.w3.org/2000/svg";
@@ -248,7 +251,12 @@ function render(r) {
   renderWorkers(r);
   renderSpec(r);
   const asOf = new Date(r.now * 1000).toLocaleString("en-GB");
-  $("as-of").textContent = `As of ${asOf}; refreshes every ${REFRESH_MS / 1000} s.`;
+  let text = `As of ${asOf}; refreshes every ${REFRESH_MS / 1000} s.`;
+  // a big database's counts are re-read every 25-60 s: say how old they are then
+  const countsAge = r.counts_as_of === null || r.counts_as_of === undefined ? 0 : r.now - r.counts_as_of;
+  if (countsAge > COUNTS_STALE_S) text += ` Counts as of ${fmtDuration(countsAge)} earlier.`;
+  $("as-of").textContent = text;
+  $("as-of").dataset.countsAgeS = String(Math.max(0, countsAge));
   $("error").hidden = true;
   $("token-form").hidden = true;
   $("report").hidden = false;
