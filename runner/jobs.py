@@ -182,6 +182,9 @@ def claim(
 ) -> list[Job]:
     """Move up to `limit` due pending jobs to running, oldest first, in one statement.
 
+    One key per URL: a URL with a key running anywhere is skipped, and its other
+    keys wait for that attempt's end to be shared (`_share_finished`); a claimed
+    key whose URL is done already takes the vector and is not returned.
     `skip_hosts`: hosts in backoff, left pending and untouched.  `exclude_ids`:
     jobs this worker still holds an attempt of (never claimed twice by one
     worker).  No try is charged here (see `start`).  ``FOR UPDATE SKIP LOCKED``
@@ -200,7 +203,7 @@ def claim(
         conditions.append(jobs.c.id.not_in(list(exclude_ids)))
     if engine.dialect.name == "postgresql":
         conditions.append(_url_try_lock())
-    for _ in range(CLAIM_TRIES):
+    for _ in range(CLAIM_ROUNDS):
         try:
             with engine.begin() as conn:
                 if engine.dialect.name == "postgresql":
@@ -210,8 +213,10 @@ def claim(
                 ).all()
                 # keys whose URL is done already take its vector instead of a fetch
                 served = _share_finished(conn, claimed_ids=[r.id for r in rows])
-            fetch = (_job(r, worker_id) for r in rows if r.id not in served)
-            return sorted(fetch, key=lambda j: j.id)
+            fetch = [_job(r, worker_id) for r in rows if r.id not in served]
+            if fetch or not served:
+                return sorted(fetch, key=lambda j: j.id)
+            # every key claimed was served by its done URL: there may be more due
         except IntegrityError:
             # Another daemon claimed a key of the same URL in the same instant; the
             # unique index refused ours.  Its row is committed now: claim again.
@@ -253,9 +258,10 @@ def _url_try_lock() -> Any:
     return jobs.c.url_hash.is_(None) | func.pg_try_advisory_xact_lock(URL_LOCK_SPACE, key)
 
 
-#: claims that collide with another daemon's on one URL (an IntegrityError each)
-#: before this round gives up and the claimer waits for its next poll
-CLAIM_TRIES = 3
+#: statements one claim may run: again after a collision with another daemon's
+#: claim on one URL, or after every key it took was served by a done URL; then the
+#: claimer waits for its next poll
+CLAIM_ROUNDS = 8
 
 #: a URL's keys that one fetch serves (`_share_finished`): at most this many due
 #: rows are read per claimed job, so a run of keys of one URL still fills a claim

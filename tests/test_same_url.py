@@ -353,3 +353,15 @@ def test_a_url_under_many_keys_is_shared_in_bounded_transactions(
         f"k{i:02d}": ("done",) for i in range(11)
     }
     assert rows["other"] == ("running",)
+
+
+def test_one_claim_serves_every_new_key_of_a_done_url(any_db_url: str) -> None:
+    """Keys added after their URL was done are served by one call to claim (a round
+    per key, since one key of a URL is claimed at a time), not one per poll."""
+    engine = _engine(any_db_url)
+    _import(engine, {"first": "http://media.test/v/a.mp4"})
+    (job,) = jobs.claim(engine, worker_id="w", limit=4, lease_s=60)
+    jobs.store_outcomes(engine, [Outcome(jobs.start(engine, job), result=_result(0.5))])
+    _import(engine, {f"again{i}": f"http://media.test/v/a.mp4#{i}" for i in range(3)})
+    assert jobs.claim(engine, worker_id="w", limit=4, lease_s=60) == []
+    assert set(_rows(engine).values()) == {("done",)}
