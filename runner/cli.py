@@ -659,6 +659,13 @@ def export(
         )
     for group in counts.specs:
         click.echo(f"  {group.vectors} vector(s): {group.describe()}")
+    if counts.merged_unrecorded:
+        click.echo(
+            f"runner: warning: kept {counts.merged} entries from earlier files that "
+            "do not record their embedding spec (no audio_specs.json); they may be of "
+            "another model",
+            err=True,
+        )
     if counts.mixed:
         click.echo(
             f"runner: warning: the export mixes {len(counts.specs)} embedding specs "

@@ -15,6 +15,7 @@ this module is the entry point and keeps the names callers import.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -50,6 +51,7 @@ from runner.export_npz import write_vectors as write_npz
 from runner.export_parquet import PARQUET_FAIL_FILE, PARQUET_FILE
 from runner.export_parquet import write_failed as write_failed_parquet
 from runner.export_parquet import write_vectors as write_parquet
+from runner.models import ADOPTED
 from runner.spec import SpecGroup, conflicting, spec_groups
 
 __all__ = [
@@ -94,6 +96,8 @@ class ExportCounts:
     specs: tuple[SpecGroup, ...] = ()
     #: they are of more than one spec (exported because --mixed-specs said so)
     mixed: bool = False
+    #: --merge kept entries of files that do not say which spec they are of
+    merged_unrecorded: bool = False
 
 
 def parse_timestamp(text: str) -> float:
@@ -182,6 +186,33 @@ def _check_specs(conn: Connection, since: float | None, pca: bool, mixed: bool) 
     return groups
 
 
+def _merge_specs_agree(out: Path, groups: list[SpecGroup]) -> bool:
+    """Refuse a --merge that would put vectors of two specs in one file, whose
+    audio_specs.json could then not say which key is which.  Returns True when the
+    earlier files do not record a spec (written by a runner before specs), so the
+    caller can warn that what it keeps is of a spec nobody recorded."""
+    if not (out / VECTORS_FILE).exists():
+        return False
+    try:
+        old = json.loads((out / SPECS_FILE).read_text(encoding="utf-8"))
+        old_labels = {str(spec["label"]) for spec in old["specs"]}
+    except FileNotFoundError:
+        return True
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise RunnerError(f"cannot merge into {out}: unreadable {SPECS_FILE} ({exc})") from None
+    new_labels = {g.label for g in groups}
+    old_labels.discard(ADOPTED)
+    new_labels.discard(ADOPTED)
+    if old_labels and new_labels and old_labels != new_labels:
+        raise RunnerError(
+            f"cannot merge into {out}: its vectors are of spec(s) "
+            f"{', '.join(sorted(old_labels))} and this export's of "
+            f"{', '.join(sorted(new_labels))}; one file would mix them. Export to "
+            "another directory"
+        )
+    return False
+
+
 def _export(
     engine: Engine,
     out: Path,
@@ -204,6 +235,7 @@ def _export(
         if pca is not None:  # refuse before any file is written
             everything = shape(conn, vectors_where(None))
             check_pca(pca, everything)
+        unrecorded = merge and fmt == "json" and _merge_specs_agree(out, groups)
         if fmt == "json":
             done, merged_done, skipped_json = write_done(conn, out, merge, since)
             skipped = skipped_json.keys
@@ -233,4 +265,5 @@ def _export(
         skipped_key=skipped[0] if skipped else None,
         specs=tuple(groups),
         mixed=bool(conflicting(groups)),
+        merged_unrecorded=unrecorded and merged > 0,
     )

@@ -467,3 +467,32 @@ def test_adopted_and_legacy_vectors_beside_one_spec_export(
         )
     refused = cli("export", "--out", str(tmp_path / "again"), ok=False)
     assert "other (made before specs were recorded" in refused.stderr
+
+
+def test_merge_never_puts_two_specs_in_one_file(db_url: str, cli: Cli, tmp_path: Path) -> None:
+    """--merge into files of another spec is refused (audio_specs.json could not say
+    which key is which); into files that record no spec it warns."""
+    engine = connect(db_url)
+    a, b = spec("model-a"), spec("model-b")
+    register(engine, a)
+    add_done(engine, {"a1": (a.id, "model-a")})
+    out = tmp_path / "out"
+    cli("export", "--out", str(out))
+    # the database moves on to spec b (its a-vectors pruned)
+    with engine.begin() as conn:
+        conn.execute(delete(jobs_table))
+    register(engine, b)
+    add_done(engine, {"b1": (b.id, "model-b")})
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    refused = cli("export", "--out", str(out), "--merge", ok=False)
+    assert refused.exit_code == 1
+    (line,) = refused.stderr.splitlines()
+    assert f"its vectors are of spec(s) {a.id}" in line and b.id in line
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing touched
+
+    (out / "audio_specs.json").unlink()  # files written before runner recorded specs
+    merged = cli("export", "--out", str(out), "--merge")
+    assert "do not record their embedding spec" in merged.stderr
+    vectors = json.loads((out / "audio_vectors.json").read_text())
+    assert set(vectors) == {"a1", "b1"}
+    engine.dispose()
