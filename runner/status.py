@@ -187,11 +187,13 @@ def _throughput(conn: Connection, *, now: float, hours: float, bucket_s: float) 
     first = (math.floor(now / bucket_s) - (n_buckets - 1)) * bucket_s
     bucket = _bucket_of(conn, first, bucket_s).label("b")
     done = jobs.c.status == Status.DONE.value
-    # three small queries rather than one GROUP BY over every column: each groups
-    # little (buckets; failed rows; the last hour), which is what keeps it cheap
+    # two small queries rather than one GROUP BY over every column: the window's
+    # rows grouped by bucket and error class (done jobs have none), read once, and
+    # the last hour's done jobs by model
     per_bucket = (
         select(
             bucket,
+            jobs.c.error_class,
             func.sum(case((done, 1), else_=0)).label("done"),
             func.sum(case((done, 0), else_=1)).label("failed"),
             func.coalesce(func.sum(case((done, jobs.c.video_duration_s), else_=0.0)), 0.0).label(
@@ -199,11 +201,6 @@ def _throughput(conn: Connection, *, now: float, hours: float, bucket_s: float) 
             ),
         )
         .where(*worked_on(now, first))
-        .group_by(bucket)
-    )
-    failed_by_class = (
-        select(bucket, jobs.c.error_class, func.count().label("n"))
-        .where(*worked_on(now, first), unindexed(jobs.c.status) == Status.FAILED.value)
         .group_by(bucket, jobs.c.error_class)
     )
     recent_models = (
@@ -224,16 +221,12 @@ def _throughput(conn: Connection, *, now: float, hours: float, bucket_s: float) 
     for row in conn.execute(per_bucket):
         if 0 <= row.b < n_buckets:
             b = buckets[row.b]
-            b["done"], b["failed"], b["audio_s"] = (
-                int(row.done),
-                int(row.failed),
-                float(row.audio_s),
-            )
-    for row in conn.execute(failed_by_class):
-        if 0 <= row.b < n_buckets:
-            classes = buckets[row.b]["failed_by_class"]
-            cls = row.error_class or "unknown"
-            classes[cls] = classes.get(cls, 0) + row.n
+            b["done"] += int(row.done)
+            b["failed"] += int(row.failed)
+            b["audio_s"] += float(row.audio_s)
+            if row.failed:
+                cls = row.error_class or "unknown"
+                b["failed_by_class"][cls] = b["failed_by_class"].get(cls, 0) + int(row.failed)
     models = {
         row.model_id: row.n for row in conn.execute(recent_models) if row.model_id is not None
     }

@@ -406,8 +406,8 @@ def test_windowed_queries_walk_the_finished_at_index_without_statistics(tmp_path
                 read_headline_now(engine, now=NOW)
             finally:
                 event.remove(engine, "before_cursor_execute", capture)
-            # the headline's rates (twice), per bucket, failures by class, models, workers
-            assert len(seen) >= 6, seen
+            # the headline's rates (twice), the chart's buckets and models, the workers
+            assert len(seen) >= 5, seen
             with engine.connect() as conn:
                 for statement, params in seen:
                     plan = conn.exec_driver_sql("EXPLAIN QUERY PLAN " + statement, params).all()
