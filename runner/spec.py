@@ -43,7 +43,6 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Connection, Engine, and_, case, delete, func, literal, or_, select, text
-from sqlalchemy.dialects import postgresql, sqlite
 
 from runner.errors import RunnerError
 from runner.models import ADOPTED, embed_specs, jobs
@@ -231,6 +230,9 @@ def _record(conn: Connection, spec: EmbedSpec, recorded: dict[str, float], now: 
     the order in which specs were recorded."""
     created = max([now, *(at + 0.001 for at in recorded.values())])
     values = {"id": spec.id, "spec": spec.to_json(), "created_at": created}
+    # here, not at the top: `runner status` reads specs and need not load both dialects
+    from sqlalchemy.dialects import postgresql, sqlite
+
     insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
     conn.execute(insert(embed_specs).values(**values).on_conflict_do_nothing())
 
