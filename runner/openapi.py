@@ -192,11 +192,17 @@ SCHEMAS: dict[str, Any] = {
         "database), plus `daemon`: the process answering.  Unix seconds throughout.",
         "required": ["now", "total", "counts", "rates", "remaining", "eta_s", "top_failures"],
         "properties": {
-            "now": _NUMBER,
+            "now": {
+                "type": "number",
+                "description": "The database's clock when the report was made (it stamps "
+                "`finished_at` and `claimed_at` too, so rates do not depend on any "
+                "host's clock).",
+            },
             "counts_as_of": {
                 "type": "number",
-                "description": "When the counts and rates were read (a daemon re-reads "
-                "them at most every few seconds on a big database).",
+                "description": "When the counts and rates were read, by the database's "
+                "clock (a daemon re-reads them only as often as their cost allows: every "
+                "20-60 s at a million jobs).",
             },
             "total": _INTEGER,
             "counts": {
@@ -295,7 +301,8 @@ def document(*, secured: bool) -> dict[str, Any]:
                         "name": "top",
                         "in": "query",
                         "schema": {"type": "integer", "minimum": 0, "maximum": 1000},
-                        "description": "How many failure reasons.",
+                        "description": "How many failure reasons (default 5).  "
+                        "Reports are made for 10, 100 or 1000 and cut to `top`.",
                     }
                 ],
                 "responses": {"200": _json(_ref("Status"), "Status.")} | _errors(400) | auth,
