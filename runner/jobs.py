@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import logging
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -55,14 +56,16 @@ from sqlalchemy import (
     tuple_,
 )
 from sqlalchemy import update as sql_update
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 
 from runner.dbclock import clock
 from runner.errors import JobStateError
+from runner.models import jobs
 
 if TYPE_CHECKING:
     import numpy as np
-from runner.models import jobs
+
+log = logging.getLogger(__name__)
 
 
 class Status(enum.StrEnum):
@@ -536,10 +539,15 @@ def store_outcomes(
         _share_backoff(conn, [o.job.id for o in stored if o.kind == "retry" and o.failure])
     # A URL listed under very many keys: the rest of its keys in transactions of
     # their own, so no single write holds the database for long (a review measured
-    # a minute for a million keys in one).
-    while len(shared) >= SHARE_CHUNK:
-        with engine.begin() as conn:
-            shared = _share_finished(conn, source_ids=finished)
+    # a minute for a million keys in one).  The outcomes are stored by now: a chunk
+    # that fails must not make the caller write them again, and the keys it left
+    # pending take the vector when they are claimed (see `claim`).
+    try:
+        while len(shared) >= SHARE_CHUNK:
+            with engine.begin() as conn:
+                shared = _share_finished(conn, source_ids=finished)
+    except SQLAlchemyError as exc:
+        log.warning("sharing a URL's end with its other keys stopped: %s", exc)
     return lost
 
 
