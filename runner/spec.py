@@ -251,20 +251,28 @@ def stored_specs(conn: Connection, ids: Iterable[str] | None = None) -> dict[str
     return {row.id: EmbedSpec.from_json(row.spec) for row in conn.execute(stmt)}
 
 
-def _foreign_terms(spec_id: str, legacy: str | None) -> list[Any]:
+def _foreign_terms(spec_id: str, legacy: str | None, *, ranges: bool) -> list[Any]:
     """The kinds of done vectors not of spec `spec_id` (adopted ones aside; legacy:
     the model whose vectors from before specs count as this spec), each one seek of
     the partial index ix_jobs_done_spec (status, embed_spec, model_id) WHERE status
-    = 'done': specs below this id, above it; no spec and a model_id that is NULL,
-    or below, between or above the excluded ones (a `NOT IN` would walk the index
-    entries of every vector from before specs: 100 ms at 900,000)."""
+    = 'done': specs below this id, above it; no spec and a model_id that is NULL
+    or not an excluded one.
+
+    With `ranges` (SQLite) that last is NULL, or below, between or above the
+    excluded names (a `NOT IN` would walk the index entries of every vector from
+    before specs: 100 ms at 900,000).  The gaps are cut in Python's order, which is
+    SQLite's (bytes) but not a PostgreSQL collation's (en_US puts 'MIT/x' after
+    'adopted'): there, and in the requeue, `NOT IN`, which no order can break."""
     done = jobs.c.status == DONE  # a done job always has its vector
     unrecorded = and_(done, jobs.c.embed_spec.is_(None))
     model = jobs.c.model_id
     excluded = sorted({ADOPTED, legacy or ADOPTED})
-    gaps = [model.is_(None), model < excluded[0]]
-    gaps += [and_(model > low, model < high) for low, high in itertools.pairwise(excluded)]
-    gaps.append(model > excluded[-1])
+    if ranges:
+        gaps = [model.is_(None), model < excluded[0]]
+        gaps += [and_(model > low, model < high) for low, high in itertools.pairwise(excluded)]
+        gaps.append(model > excluded[-1])
+    else:
+        gaps = [model.is_(None) | model.not_in(excluded)]
     return [
         and_(done, jobs.c.embed_spec < spec_id),
         and_(done, jobs.c.embed_spec > spec_id),
@@ -275,17 +283,17 @@ def _foreign_terms(spec_id: str, legacy: str | None) -> list[Any]:
 def foreign_done(spec_id: str, legacy: str | None) -> Any:
     """WHERE term: done vectors that are not of spec `spec_id`, adopted ones aside
     (legacy: the model whose vectors from before specs count as this spec)."""
-    return or_(*_foreign_terms(spec_id, legacy))
+    return or_(*_foreign_terms(spec_id, legacy, ranges=False))
 
 
-def guard_queries(spec: EmbedSpec) -> list[Any]:
+def guard_queries(spec: EmbedSpec, dialect: str = "sqlite") -> list[Any]:
     """One done vector of another spec than `spec`, if there is one: a few queries,
     one per range of ix_jobs_done_spec, each planned as a seek of that covering
     index whatever SQLite's statistics say.  (Their OR in one query was planned as
     a MULTI-INDEX OR without statistics, but as a scan of the whole table, vectors
     and all, once ANALYZE had run on a database of one spec.)"""
     columns = (jobs.c.embed_spec, jobs.c.model_id)
-    terms = _foreign_terms(spec.id, legacy_model(spec))
+    terms = _foreign_terms(spec.id, legacy_model(spec), ranges=dialect == "sqlite")
     return [select(*columns).where(term).limit(1) for term in terms]
 
 
@@ -304,7 +312,11 @@ def check_guard(engine: Engine, spec: EmbedSpec, *, now: float | None = None) ->
         _lock(conn)
         recorded = _recorded(conn)
         row = next(
-            (row for query in guard_queries(spec) if (row := conn.execute(query).first())),
+            (
+                row
+                for query in guard_queries(spec, conn.dialect.name)
+                if (row := conn.execute(query).first())
+            ),
             None,
         )
         mine = recorded.get(spec.id)

@@ -35,6 +35,7 @@ from runner.spec import (
 )
 from tests.argv import daemon_args
 from tests.conftest import TINY_HIDDEN, Cli, MediaServer, write_catalogue
+from tests.postgres import PostgresServer
 
 NOW = 1_800_000_000.0
 
@@ -496,3 +497,31 @@ def test_merge_never_puts_two_specs_in_one_file(db_url: str, cli: Cli, tmp_path:
     vectors = json.loads((out / "audio_vectors.json").read_text())
     assert set(vectors) == {"a1", "b1"}
     engine.dispose()
+
+
+def test_guard_and_requeue_on_a_postgresql_database_with_a_language_collation(
+    postgres_server: PostgresServer,
+) -> None:
+    """In an ICU 'en' collation 'MIT/ast' sorts after 'adopted', the reverse of
+    Python's (and SQLite's) order: range terms cut in Python's order would match
+    every model, refuse this spec's own older vectors, and requeue (destroy) them
+    and the adopted ones.  A review found it; PostgreSQL now uses NOT IN."""
+    name = "runner_icu_collation"
+    postgres_server.execute(f"DROP DATABASE IF EXISTS {name}")
+    postgres_server.execute(
+        f"CREATE DATABASE {name} TEMPLATE template0 LOCALE_PROVIDER icu"
+        " ICU_LOCALE 'en' LOCALE 'C.utf8'"
+    )
+    engine = connect(postgres_server.url(name))
+    try:
+        mine = spec("MIT/ast")  # last layer, mean: older vectors of MIT/ast count as it
+        add_done(engine, {"legacy": (None, "MIT/ast"), "old": (None, "adopted")})
+        check_guard(engine, mine)  # passes: nothing of another spec
+        assert requeue_other_specs(engine, mine.id) == (0, 0)
+        assert statuses(engine) == {"legacy": ("done", None), "old": ("done", None)}
+        add_done(engine, {"other": (None, "Other/model")})
+        with pytest.raises(SpecMismatch):
+            check_guard(engine, mine)
+    finally:
+        engine.dispose()
+        postgres_server.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
