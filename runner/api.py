@@ -108,13 +108,18 @@ class ApiConfig:
         return None if self.allow_private_urls else UrlGuard(exempt=self.exempt_networks)
 
 
+def _decimal(text: str) -> bool:
+    """ASCII digits only: str.isdigit() also takes '²' and other digits int() refuses."""
+    return text.isascii() and text.isdigit()
+
+
 def parse_bind(text: str) -> tuple[str, int]:
     """'8080', ':8080', '0.0.0.0:8080', '[::1]:8080' -> (host, port); 127.0.0.1 by default."""
     host, sep, port_text = text.strip().rpartition(":")
     if not sep:
         host, port_text = "", text.strip()
     host = host.strip("[]") or "127.0.0.1"
-    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+    if not _decimal(port_text) or not 0 <= int(port_text) <= 65535:
         raise RunnerError(f"--http {text!r}: expected PORT or HOST:PORT")
     return host, int(port_text)
 
@@ -268,7 +273,7 @@ def _host_allowed(host_header: str, config: ApiConfig) -> bool:
     else:
         name, colon, port_text = text.partition(":")
         rest = colon + port_text
-    if rest and (rest[:1] != ":" or not rest[1:].isdigit() or int(rest[1:]) > 65535):
+    if rest and (rest[:1] != ":" or not _decimal(rest[1:]) or int(rest[1:]) > 65535):
         return False
     return name == config.host.lower() or is_loopback(name)
 
@@ -444,7 +449,12 @@ class _Reports:
             except Exception:
                 log.exception("making a /status report failed")
 
-        threading.Thread(target=refresh, name="runner-status-report", daemon=True).start()
+        try:
+            threading.Thread(target=refresh, name="runner-status-report", daemon=True).start()
+        except RuntimeError:  # no thread to be had (exhausted, shutting down): callers make it
+            self._making.discard(key)
+            self._cond.notify_all()
+            log.warning("could not start a thread to make the next /status report")
 
 
 REPORTS = web.AppKey("reports", _Reports)
@@ -469,7 +479,7 @@ def _with_daemon(report: dict[str, Any], daemon: DaemonHandle) -> dict[str, Any]
 @routes.get("/status")
 async def status(request: web.Request) -> web.Response:
     top_text = request.query.get("top", "5")
-    if not top_text.isdigit() or int(top_text) > MAX_TOP:
+    if not _decimal(top_text) or int(top_text) > MAX_TOP:
         raise ApiError(400, f"top: expected an integer from 0 to {MAX_TOP}")
     daemon = _daemon(request)
     report = await _in_thread(request.app[REPORTS].get, daemon, int(top_text))
