@@ -332,17 +332,25 @@ def _share_finished(
         jobs.c.id != src.c.id,
         func.coalesce(jobs.c.origin, "") == func.coalesce(src.c.origin, ""),
     ]
+    values: dict[str, Any] = {name: src.c[name] for name in _SHARED_END}
     if claimed_ids:
         terms += [
             jobs.c.id.in_(list(claimed_ids)),
             jobs.c.status == Status.RUNNING.value,
             src.c.status == Status.DONE.value,
         ]
+        # served, not fetched: no worker is credited with it
+        values |= {"worker_id": None, "claimed_at": None}
     else:
-        of_sources = select(sibling.c.url_hash).where(sibling.c.id.in_(list(source_ids)))
+        of_sources = select(sibling.c.url_hash, func.coalesce(sibling.c.origin, "")).where(
+            sibling.c.id.in_(list(source_ids))
+        )
         chunk = (
             select(jobs.c.id)
-            .where(jobs.c.status == Status.PENDING.value, jobs.c.url_hash.in_(of_sources))
+            .where(
+                jobs.c.status == Status.PENDING.value,
+                tuple_(jobs.c.url_hash, func.coalesce(jobs.c.origin, "")).in_(of_sources),
+            )
             .limit(SHARE_CHUNK)
         )
         terms += [
@@ -351,7 +359,6 @@ def _share_finished(
             src.c.id.in_(list(source_ids)),
             src.c.status.in_([Status.DONE.value, Status.FAILED.value]),
         ]
-    values: dict[str, Any] = {name: src.c[name] for name in _SHARED_END}
     stmt = (
         sql_update(jobs)
         .where(*terms)

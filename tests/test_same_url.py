@@ -140,8 +140,9 @@ def test_a_key_added_after_its_url_is_done_takes_the_vector_unfetched(any_db_url
     _import(engine, {"later": "HTTP://media.test/v/a.mp4#again", "other": "http://media.test/v/b"})
     claimed = jobs.claim(engine, worker_id="w", limit=4, lease_s=60)
     assert [j.key for j in claimed] == ["other"]
-    rows = _rows(engine, "key, status, vector, attempts")
-    assert rows["later"] == ("done", np.full(4, 0.25, dtype="<f4").tobytes(), 0)
+    rows = _rows(engine, "key, status, vector, attempts, worker_id, claimed_at")
+    # served, not fetched: no try spent, no worker credited
+    assert rows["later"] == ("done", np.full(4, 0.25, dtype="<f4").tobytes(), 0, None, None)
 
 
 def test_api_queued_keys_share_only_with_api_queued_keys(any_db_url: str) -> None:
