@@ -11,6 +11,10 @@ import asyncio
 import http.client
 import ipaddress
 import json
+import re
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -20,6 +24,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import pytest
 from aiohttp import web
 
 from runner.api import ApiConfig, api_service
@@ -192,3 +197,46 @@ def run_helper_server() -> Iterator[HelperServer]:
     server = HelperServer()
     with serve_in_thread(_helper_app(server), name="helper-server") as server.base_url:
         yield server
+
+
+def start_runner_api(
+    args: list[str], cwd: Path, env: dict[str, str]
+) -> tuple[subprocess.Popen, str, threading.Thread]:
+    """Start `runner ARGS`; return it, the API's URL from its log line, and the log reader."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "runner.cli", *args],
+        cwd=cwd,
+        env=env,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+    )
+    assert proc.stderr is not None
+    log: list[str] = []
+    found = threading.Event()
+    box: list[str] = []
+
+    def read() -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            log.append(line)
+            match = re.search(r"HTTP API listening on (\S+)", line)
+            if match:
+                box.append(match.group(1))
+                found.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    if not found.wait(120):
+        proc.kill()
+        pytest.fail("no 'listening' line: " + "".join(log))
+    return proc, box[0], reader
+
+
+def stop_runner_api(proc: subprocess.Popen, reader: threading.Thread) -> None:
+    proc.send_signal(signal.SIGTERM)
+    code = proc.wait(60)
+    reader.join(10)
+    assert proc.stderr is not None
+    proc.stderr.close()
+    assert code == 0

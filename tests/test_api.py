@@ -5,10 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
-import subprocess
-import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +25,8 @@ from tests.api_server import (
     daemon_config,
     request,
     run_api_server,
+    start_runner_api,
+    stop_runner_api,
 )
 from tests.conftest import TINY_HIDDEN, Cli, MediaServer, write_catalogue
 
@@ -379,49 +377,6 @@ def test_listening_beyond_loopback_needs_a_token(
     assert result.exit_code == 1 and "expected PORT or HOST:PORT" in result.stderr
 
 
-def _start(
-    args: list[str], cwd: Path, env: dict[str, str]
-) -> tuple[subprocess.Popen, str, threading.Thread]:
-    """Start `runner ARGS`; return it, the API's URL from its log line, and the log reader."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "runner.cli", *args],
-        cwd=cwd,
-        env=env,
-        stderr=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-        text=True,
-    )
-    assert proc.stderr is not None
-    log: list[str] = []
-    found = threading.Event()
-    box: list[str] = []
-
-    def read() -> None:
-        assert proc.stderr is not None
-        for line in proc.stderr:
-            log.append(line)
-            match = re.search(r"HTTP API listening on (\S+)", line)
-            if match:
-                box.append(match.group(1))
-                found.set()
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    if not found.wait(120):
-        proc.kill()
-        pytest.fail("no 'listening' line: " + "".join(log))
-    return proc, box[0], reader
-
-
-def _stop(proc: subprocess.Popen, reader: threading.Thread) -> None:
-    proc.send_signal(signal.SIGTERM)
-    code = proc.wait(60)
-    reader.join(10)
-    assert proc.stderr is not None
-    proc.stderr.close()
-    assert code == 0
-
-
 def test_serve_and_daemon_http_as_processes(
     tmp_path: Path, tiny_model: Path, server: MediaServer, cli: Cli
 ) -> None:
@@ -431,7 +386,8 @@ def test_serve_and_daemon_http_as_processes(
     media = server.url("media/voice.m4a")
 
     # serve: the API only, private URLs refused, queued jobs left to daemons
-    proc, base, reader = _start(["serve", "--http", "127.0.0.1:0", *common], tmp_path, env)
+    serve = ["serve", "--http", "127.0.0.1:0", *common]
+    proc, base, reader = start_runner_api(serve, tmp_path, env)
     try:
         assert request(base, "GET", "/healthz", token=None).status == 200
         reply = request(base, "POST", "/encode_audio", {"video_url": media}, token=None)
@@ -441,12 +397,12 @@ def test_serve_and_daemon_http_as_processes(
         time.sleep(0.5)
         assert request(base, "GET", "/jobs/queued").json()["state"] == "pending"
     finally:
-        _stop(proc, reader)
+        stop_runner_api(proc, reader)
 
     # daemon --http: claims the queue and answers ad-hoc requests with the same model
     cli("import", str(write_catalogue(tmp_path / "c.json", {"v": {"url": media}})))
     args = ["daemon", "--http", "127.0.0.1:0", "--allow-private-urls", *common]
-    proc, base, reader = _start([*args, "--token", "t0k"], tmp_path, env)
+    proc, base, reader = start_runner_api([*args, "--token", "t0k"], tmp_path, env)
     try:
         assert request(base, "GET", "/status", token=None).status == 401
         reply = request(base, "POST", "/encode_audio", {"video_url": media}, token="t0k")
@@ -458,4 +414,4 @@ def test_serve_and_daemon_http_as_processes(
         np.testing.assert_allclose(job["result"]["vector"], reply.json()["features"][0], 1e-4)
         assert json.loads(request(base, "GET", "/status", token="t0k").body)["counts"]["done"] == 1
     finally:
-        _stop(proc, reader)
+        stop_runner_api(proc, reader)

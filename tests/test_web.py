@@ -8,11 +8,7 @@ import asyncio
 import contextlib
 import json
 import os
-import re
-import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 import tomllib
@@ -28,7 +24,14 @@ from runner.api import ApiConfig
 from runner.db import connect
 from runner.status import format_duration
 from runner.web import PAGE_FILES
-from tests.api_server import ApiServer, daemon_config, request, run_api_server
+from tests.api_server import (
+    ApiServer,
+    daemon_config,
+    request,
+    run_api_server,
+    start_runner_api,
+    stop_runner_api,
+)
 from tests.chromium import Page, find_chromium, open_page, unavailable
 from tests.test_export_formats import add_jobs, finish
 
@@ -117,36 +120,6 @@ def _fill(db_url: str) -> None:
         engine.dispose()
 
 
-def _start_serve(args: list[str], cwd: Path, env: dict[str, str]) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "runner.cli", *args],
-        cwd=cwd,
-        env=env,
-        stderr=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-        text=True,
-    )
-    assert proc.stderr is not None
-    found: list[str] = []
-    log: list[str] = []
-    ready = threading.Event()
-
-    def read() -> None:
-        assert proc.stderr is not None
-        for line in proc.stderr:
-            log.append(line)
-            match = re.search(r"HTTP API listening on (\S+)", line)
-            if match:
-                found.append(match.group(1))
-                ready.set()
-
-    threading.Thread(target=read, daemon=True).start()
-    if not ready.wait(120):
-        proc.kill()
-        pytest.fail("no 'listening' line: " + "".join(log))
-    return proc, found[0]
-
-
 PAGE_NUMBERS = """JSON.stringify({
   counts: Object.fromEntries([...document.querySelectorAll('#counts tbody tr')]
     .map(r => [r.dataset.state, Number(r.querySelector('td').dataset.value)])),
@@ -176,14 +149,13 @@ def test_page_in_a_headless_browser_matches_status(
     env = {k: v for k, v in os.environ.items() if k != "RUNNER_API_TOKEN"}
     env |= {"RUNNER_DB": db_url, "PYTHONPATH": str(REPO), "RUNNER_API_TOKEN": TOKEN}
     args = ["serve", "--http", "127.0.0.1:0", "--model", str(tiny_model), "--device", "cpu"]
-    proc, base = _start_serve([*args, "--workdir", str(tmp_path / "w")], tmp_path, env)
+    proc, base, reader = start_runner_api(
+        [*args, "--workdir", str(tmp_path / "w")], tmp_path, env
+    )
     try:
         asyncio.run(_browse(base, tmp_path))
     finally:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(60) == 0
-        assert proc.stderr is not None
-        proc.stderr.close()
+        stop_runner_api(proc, reader)
 
 
 async def reload(page: Page, state: str) -> None:
