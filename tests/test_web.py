@@ -149,9 +149,7 @@ def test_page_in_a_headless_browser_matches_status(
     env = {k: v for k, v in os.environ.items() if k != "RUNNER_API_TOKEN"}
     env |= {"RUNNER_DB": db_url, "PYTHONPATH": str(REPO), "RUNNER_API_TOKEN": TOKEN}
     args = ["serve", "--http", "127.0.0.1:0", "--model", str(tiny_model), "--device", "cpu"]
-    proc, base, reader = start_runner_api(
-        [*args, "--workdir", str(tmp_path / "w")], tmp_path, env
-    )
+    proc, base, reader = start_runner_api([*args, "--workdir", str(tmp_path / "w")], tmp_path, env)
     try:
         asyncio.run(_browse(base, tmp_path))
     finally:
