@@ -13,6 +13,7 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -184,42 +185,50 @@ def test_a_changed_url_joins_its_new_siblings(any_db_url: str) -> None:
     assert [j.key for j in jobs.claim(engine, worker_id="w", limit=4, lease_s=60)] == ["x"]
 
 
-def test_claims_racing_on_postgresql_never_run_one_url_twice(pg_url: str) -> None:
-    """Many claimers at once on keys that share few URLs: the unique index refuses
-    a second running key of a URL, the claim retries, and no claim raises."""
-    engine = _engine(pg_url)
-    _import(engine, {f"k{i:03d}": f"http://media.test/v/{i % 7}" for i in range(140)})
+def _in_threads(workers: int, work: Callable[[str], None]) -> None:
+    """`work(name)` in `workers` threads released together; none may raise."""
     errors: list[BaseException] = []
-    claimed: list[list[str]] = []
-    go = threading.Barrier(4)
+    go = threading.Barrier(workers)
 
-    def claimer(name: str) -> None:
+    def run(name: str) -> None:
         try:
             go.wait()
-            for _ in range(20):
-                batch = jobs.claim(engine, worker_id=name, limit=3, lease_s=60)
-                claimed.append([j.key for j in batch])
-                with engine.begin() as conn:
-                    running = conn.execute(
-                        text(
-                            "SELECT url_hash, count(*) FROM jobs WHERE status = 'running'"
-                            " GROUP BY url_hash HAVING count(*) > 1"
-                        )
-                    ).all()
-                assert running == []
-                jobs.store_outcomes(
-                    engine,
-                    [Outcome(jobs.start(engine, j), result=_result(1.0)) for j in batch],
-                )
-        except BaseException as exc:
+            work(name)
+        except BaseException as exc:  # reported by the main thread
             errors.append(exc)
 
-    threads = [threading.Thread(target=claimer, args=(f"w{i}",)) for i in range(4)]
+    threads = [threading.Thread(target=run, args=(f"w{i}",)) for i in range(workers)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(60)
     assert errors == []
+
+
+def test_claims_racing_on_postgresql_never_run_one_url_twice(pg_url: str) -> None:
+    """Many claimers at once on keys that share few URLs: the unique index refuses
+    a second running key of a URL, the claim retries, and no claim raises."""
+    engine = _engine(pg_url)
+    _import(engine, {f"k{i:03d}": f"http://media.test/v/{i % 7}" for i in range(140)})
+    claimed: list[list[str]] = []
+
+    def claimer(name: str) -> None:
+        for _ in range(20):
+            batch = jobs.claim(engine, worker_id=name, limit=3, lease_s=60)
+            claimed.append([j.key for j in batch])
+            with engine.begin() as conn:
+                running = conn.execute(
+                    text(
+                        "SELECT url_hash, count(*) FROM jobs WHERE status = 'running'"
+                        " GROUP BY url_hash HAVING count(*) > 1"
+                    )
+                ).all()
+            assert running == []
+            jobs.store_outcomes(
+                engine, [Outcome(jobs.start(engine, j), result=_result(1.0)) for j in batch]
+            )
+
+    _in_threads(4, claimer)
     fetched = [key for batch in claimed for key in batch]
     assert len(fetched) == 7  # one per URL, the rest took its end
     assert set(_rows(engine).values()) == {("done",)}
@@ -312,28 +321,17 @@ def test_claimers_contending_for_few_urls_on_postgresql_never_deadlock(pg_url: s
     in 40 s); a per-URL try-lock makes a claim skip a URL another claim holds."""
     engine = _engine(pg_url)
     _import(engine, {f"k{i:05d}": f"http://media.test/v/{i % 50}" for i in range(5000)})
-    errors: list[BaseException] = []
     claimed = 0
-    go = threading.Barrier(6)
     stop_at = time.monotonic() + 4
 
     def claimer(name: str) -> None:
         nonlocal claimed
-        try:
-            go.wait()
-            while time.monotonic() < stop_at:
-                batch = jobs.claim(engine, worker_id=name, limit=32, lease_s=600)
-                claimed += len(batch)
-                jobs.release(engine, batch, worker_id=name)
-        except BaseException as exc:  # reported by the main thread
-            errors.append(exc)
+        while time.monotonic() < stop_at:
+            batch = jobs.claim(engine, worker_id=name, limit=32, lease_s=600)
+            claimed += len(batch)
+            jobs.release(engine, batch, worker_id=name)
 
-    threads = [threading.Thread(target=claimer, args=(f"w{i}",)) for i in range(6)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
-    assert errors == []
+    _in_threads(6, claimer)
     assert claimed > 0
 
 
