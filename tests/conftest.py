@@ -29,7 +29,7 @@ def build_tiny_model(
 ) -> Path:
     """A random-weight Wav2Vec2ForCTC saved like the published checkpoint."""
     import torch
-    from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC
+    from transformers import Wav2Vec2Config, Wav2Vec2ForCTC
 
     torch.manual_seed(seed)
     config = Wav2Vec2Config(
@@ -45,14 +45,22 @@ def build_tiny_model(
         num_conv_pos_embedding_groups=2,
     )
     Wav2Vec2ForCTC(config).save_pretrained(path)
+    save_feature_extractor(path, attention_mask=feat_extract_norm == "layer")
+    return path
+
+
+def save_feature_extractor(path: Path, *, attention_mask: bool) -> None:
+    """The 16 kHz feature extractor the published checkpoints carry; layer-norm
+    models take an attention mask, group-norm ones cannot."""
+    from transformers import Wav2Vec2FeatureExtractor
+
     Wav2Vec2FeatureExtractor(
         feature_size=1,
         sampling_rate=16_000,
         padding_value=0.0,
         do_normalize=True,
-        return_attention_mask=feat_extract_norm == "layer",
+        return_attention_mask=attention_mask,
     ).save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="session")

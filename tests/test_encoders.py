@@ -19,7 +19,7 @@ import torch
 from runner.embed import Embedder, WindowBatcher, WindowItem, pool
 from runner.errors import RunnerError
 from tests.argv import daemon_args
-from tests.conftest import Cli, MediaServer, write_catalogue
+from tests.conftest import Cli, MediaServer, save_feature_extractor, write_catalogue
 
 HIDDEN = 32
 #: family -> (config class, model class), all from transformers
@@ -60,13 +60,7 @@ def build_checkpoint(path: Path, family: str, *, norm: str = "layer", seed: int 
         options |= {"num_buckets": 16, "max_bucket_distance": 80}
     config = getattr(transformers, config_name)(**options)
     getattr(transformers, model_name)(config).save_pretrained(path)
-    transformers.Wav2Vec2FeatureExtractor(
-        feature_size=1,
-        sampling_rate=16_000,
-        padding_value=0.0,
-        do_normalize=True,
-        return_attention_mask=norm == "layer",
-    ).save_pretrained(path)
+    save_feature_extractor(path, attention_mask=norm == "layer")
     return path
 
 
