@@ -56,7 +56,7 @@ from sqlalchemy import (
     tuple_,
 )
 from sqlalchemy import update as sql_update
-from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
 from runner.dbclock import clock
 from runner.errors import JobStateError
@@ -214,8 +214,11 @@ def claim(
                 rows = conn.execute(
                     _claim_statement(engine, conditions, limit, worker_id, at, lease_s)
                 ).all()
-                # keys whose URL is done already take its vector instead of a fetch
+                # keys whose URL is done already take its vector instead of a fetch,
+                # and pass it on to their URL's other pending keys (a backlog left
+                # by a cut-short sharing drains a chunk per claim, not a key)
                 served = _share_finished(conn, claimed_ids=[r.id for r in rows])
+                _share_finished(conn, source_ids=served)
             fetch = [_job(r, worker_id) for r in rows if r.id not in served]
             if fetch or not served:
                 return sorted(fetch, key=lambda j: j.id)
@@ -549,11 +552,13 @@ def store_outcomes(
     # a minute for a million keys in one).  The outcomes are stored by now: a chunk
     # that fails must not make the caller write them again, and the keys it left
     # pending take the vector when they are claimed (see `claim`).
+    # Until a chunk shares nothing: one cut short by a concurrent claim (a key it
+    # read as pending was claimed meanwhile) is no sign that the URL is through.
     try:
-        while len(shared) >= SHARE_CHUNK:
+        while shared:
             with engine.begin() as conn:
                 shared = _share_finished(conn, source_ids=finished)
-    except SQLAlchemyError as exc:
+    except DBAPIError as exc:
         log.warning("sharing a URL's end with its other keys stopped: %s", exc)
     return lost
 

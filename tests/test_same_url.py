@@ -364,3 +364,25 @@ def test_one_claim_serves_every_new_key_of_a_done_url(any_db_url: str) -> None:
     _import(engine, {f"again{i}": f"http://media.test/v/a.mp4#{i}" for i in range(3)})
     assert jobs.claim(engine, worker_id="w", limit=4, lease_s=60) == []
     assert set(_rows(engine).values()) == {("done",)}
+
+
+def test_a_backlog_of_a_done_url_drains_in_one_claim(
+    any_db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Many pending keys of a done URL (added later, or left by a sharing cut short)
+    do not hold up other URLs: the first one served passes the vector on to the
+    rest a chunk at a time, so one claim reaches the next URL's key (a key a round,
+    12 keys would outlast the claim's 8 rounds)."""
+    monkeypatch.setattr(jobs, "SHARE_CHUNK", 2)
+    engine = _engine(any_db_url)
+    _import(engine, {"first": "http://media.test/v/a.mp4"})
+    (job,) = jobs.claim(engine, worker_id="w", limit=1, lease_s=60)
+    jobs.store_outcomes(engine, [Outcome(jobs.start(engine, job), result=_result(0.5))])
+    _import(engine, {f"k{i:02d}": f"http://media.test/v/a.mp4#{i}" for i in range(12)})
+    _import(engine, {"other": "http://media.test/v/b.mp4"})
+    claimed = jobs.claim(engine, worker_id="w", limit=1, lease_s=60)
+    assert [j.key for j in claimed] == ["other"]
+    rows = _rows(engine)
+    assert {k: v for k, v in rows.items() if k != "other"} == dict.fromkeys(
+        ["first", *(f"k{i:02d}" for i in range(12))], ("done",)
+    )
