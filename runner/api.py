@@ -108,9 +108,14 @@ class ApiConfig:
         return None if self.allow_private_urls else UrlGuard(exempt=self.exempt_networks)
 
 
+#: digits a port or `top` may have; int() refuses strings of over 4,300 digits
+DECIMAL_MAX_DIGITS = 10
+
+
 def _decimal(text: str) -> bool:
-    """ASCII digits only: str.isdigit() also takes '²' and other digits int() refuses."""
-    return text.isascii() and text.isdigit()
+    """A short run of ASCII digits: str.isdigit() also takes '²' and other digits
+    int() refuses, and int() refuses thousands of digits too."""
+    return text.isascii() and text.isdigit() and len(text) <= DECIMAL_MAX_DIGITS
 
 
 def parse_bind(text: str) -> tuple[str, int]:

@@ -388,6 +388,8 @@ def test_reports_are_kept_for_three_tops_only(plain_api: ApiServer) -> None:
     assert plain_api("GET", "/status?top=1000", token=TOKEN).status == 200
     # a digit int() refuses ('²'.isdigit() is True) is a 400, not a 500
     assert plain_api("GET", "/status?top=%C2%B2", token=TOKEN).status == 400
+    # nor are more digits than int() takes (4,300)
+    assert plain_api("GET", "/status?top=" + "1" * 5000, token=TOKEN).status == 400
 
 
 def test_a_cached_headline_is_served_while_another_thread_reads(tmp_path: Path) -> None:
