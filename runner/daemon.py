@@ -32,6 +32,7 @@ from sqlalchemy import Engine
 from runner import jobs, maintenance
 from runner.attempt import Attempt
 from runner.config import DaemonConfig
+from runner.counts import FOLD_EVERY_S, fold_counts
 from runner.dbthread import DbThread
 from runner.download import HostGate, make_session
 from runner.embed import Embedder, WindowItem, default_batch_seconds
@@ -87,6 +88,8 @@ class Daemon:
         )
         #: counts and rates shared by the bar, /metrics and /status (runner.headline)
         self.headlines = HeadlineCache()
+        #: job_counts' highest id after this daemon's last fold (runner/counts.py)
+        self._counts_folded_to = 0
         self.download_q: asyncio.Queue[Attempt] = asyncio.Queue(config.downloads)
         self.decode_q: asyncio.Queue[Downloaded] = asyncio.Queue(config.prefetch_files)
         self.window_q: asyncio.Queue[WindowItem | Decoded] = asyncio.Queue(
@@ -319,6 +322,9 @@ class Daemon:
             spare=[a.job for a in self.inflight if not a.adhoc],
         )
 
+    async def _fold_counts(self) -> None:
+        self._counts_folded_to = await self.db.call(fold_counts, above_id=self._counts_folded_to)
+
     async def _report_progress(self, *, max_age_s: float | None = None) -> None:
         headline = await self.db.call(self.headlines.get, max_age_s=max_age_s)
         self.progress.show(headline)
@@ -330,6 +336,7 @@ class Daemon:
         )
         every(self.heartbeat, id="heartbeat", seconds=max(0.5, self.config.lease_s / 4))
         every(self._reap, id="reaper", seconds=max(0.5, self.config.reap_every_s))
+        every(self._fold_counts, id="counts", seconds=FOLD_EVERY_S)
         every(
             self._report_progress,
             id="progress",

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 #: The newest revision in migrations/versions (tests/test_migrations.py checks it is
 #: alembic's head).  A database already there is opened without importing alembic,
 #: a tenth of a second of every short command such as `runner status`.
-HEAD_REVISION = "0005"
+HEAD_REVISION = "0006"
 
 log = logging.getLogger(__name__)
 

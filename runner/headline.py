@@ -22,9 +22,9 @@ ANALYZE) prefers an equality on `ix_jobs_status_id` to a range, and then reads
 every done and failed job of the table; on SQLite the status test is written so
 that it cannot use an index (`unindexed`), whatever the statistics say.
 
-Nothing is kept in the database for it (no counter rows): with many daemons on
-PostgreSQL, one counter row that every claim and every finish updates would
-serialise all of them on its lock.
+The counts come from runner/counts.py: kept by triggers on PostgreSQL (a sum over a
+small table, never one counter row that every daemon's claims would queue on), a
+GROUP BY of the jobs table on SQLite.  The time-to-live follows whichever it is.
 """
 
 from __future__ import annotations
@@ -39,10 +39,11 @@ from sqlalchemy import Connection, Engine, String, case, func, or_, select
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.expression import ColumnElement, FunctionElement
 
+from runner.counts import count_by_status
 from runner.dbclock import read_now
 from runner.jobs import Status
 from runner.models import ADOPTED, jobs
-from runner.queries import count_by_status, reading
+from runner.queries import reading
 from runner.rates import Rate, best_rate, eta_s, window_rate
 
 #: rate windows, label -> seconds; the ETA uses the first with any finished job

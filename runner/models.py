@@ -6,7 +6,10 @@ Alembic revisions in ``migrations/versions`` must produce exactly this metadata;
 
 from __future__ import annotations
 
+from typing import Any
+
 from sqlalchemy import (
+    BigInteger,
     Column,
     Float,
     Index,
@@ -16,6 +19,8 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    func,
+    literal_column,
     text,
 )
 
@@ -86,6 +91,43 @@ jobs = Table(
         sqlite_where=text("status = 'running'"),
         postgresql_where=text("status = 'running'"),
     ),
+)
+
+#: how much of a failure message names its reason in counts and in the top failures
+#: (a whole message may be too long for an index entry)
+REASON_CHARS = 200
+
+
+def reason_of(error: Any) -> Any:
+    """The message's first REASON_CHARS characters, as the index below and the
+    triggers of migration 0006 spell it: written inline, not as bound parameters,
+    or SQLite does not see the indexed expression in a query."""
+    return func.substr(error, literal_column("1"), literal_column(str(REASON_CHARS)))
+
+
+# failed rows by reason: their example keys, and on SQLite the reasons' counts
+# read from the index alone (runner/counts.py)
+Index(
+    "ix_jobs_failed_reason",
+    jobs.c.error_class,
+    reason_of(jobs.c.error),
+    jobs.c.id,
+    sqlite_where=text("status = 'failed'"),
+    postgresql_where=text("status = 'failed'"),
+)
+
+#: Jobs per state and failed jobs per (error class, reason), as signed changes:
+#: on PostgreSQL the triggers of migration 0006 append one row per state and
+#: reason each statement on `jobs` changed, and runner/counts.py folds them now and
+#: then.  Empty on SQLite, which counts the jobs table itself (see that migration).
+job_counts = Table(
+    "job_counts",
+    metadata,
+    Column("id", BigInteger().with_variant(Integer(), "sqlite"), primary_key=True),
+    Column("status", String(16), nullable=False),
+    Column("error_class", String(32), nullable=True),
+    Column("reason", Text, nullable=True),
+    Column("n", BigInteger, nullable=False),
 )
 
 #: How vectors were made: model (id or path, and a hash of its config and weight

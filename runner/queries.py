@@ -26,13 +26,6 @@ def count_pending(engine: Engine) -> int:
         return int(conn.execute(stmt).scalar_one())
 
 
-def count_by_status(conn: Connection) -> dict[Status, int]:
-    """Every state, with 0 for those no job is in, so callers can index any of them."""
-    rows = conn.execute(select(jobs.c.status, func.count()).group_by(jobs.c.status)).all()
-    found = {Status(status): n for status, n in rows}
-    return {s: found.get(s, 0) for s in Status}
-
-
 def running_workers(engine: Engine) -> list[str]:
     """Worker ids holding running jobs: the reaper checks which of them are dead."""
     with reading(engine) as conn:

@@ -22,10 +22,18 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, Integer, case, cast, func, select
 
+from runner.counts import counts_are_kept, example_keys, top_reasons
 from runner.dbclock import read_now
-from runner.headline import WINDOWS, Headline, read_headline_now, unindexed, worked_on
+from runner.headline import (
+    WINDOWS,
+    Headline,
+    read_headline,
+    read_headline_now,
+    unindexed,
+    worked_on,
+)
 from runner.jobs import Status
-from runner.models import jobs
+from runner.models import REASON_CHARS, jobs
 from runner.queries import reading
 from runner.rates import window_rate
 from runner.spec import registered_specs, spec_lines
@@ -62,24 +70,25 @@ def read_status(
     `headline`: figures already read (the daemon's shared cache), so the counts are
     not taken again; its `now` is when they were (`counts_as_of`).
 
-    The three slow parts run side by side, each on its own connection: the headline
-    (when not given), the failure reasons, and the rest.  At a million jobs each of
-    the first two takes about a fifth of a second on PostgreSQL (a scan for the
-    counts, one heap block per failed job for the reasons); one after the other they
-    made the answer miss half a second."""
-    with concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="runner-status") as pool:
-        reasons = pool.submit(_read_top_failures, engine, top)
+    Where counting is a scan of the jobs table (SQLite: about 50 ms at a million
+    jobs), the headline is read beside the rest, on a connection of its own; where
+    triggers keep the counts (PostgreSQL), everything is read on one connection,
+    as a second one would cost more to open than the counts take."""
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="runner-status") as pool:
         with reading(engine) as conn, conn.begin():
             if now is None:
                 now = read_now(conn)
             pending = None
             if headline is None:
-                pending = pool.submit(read_headline_now, engine, now=now)
+                if counts_are_kept(conn):
+                    headline = read_headline(conn, now=now)
+                else:
+                    pending = pool.submit(read_headline_now, engine, now=now)
+            failures = _top_failures(conn, top)
             running = _oldest_running(conn)
             chart = _throughput(conn, now=now, hours=chart_hours, bucket_s=bucket_s)
             workers = _workers(conn, now=now)
             specs = registered_specs(conn)
-        failures = reasons.result()
         if pending is not None:
             headline = pending.result()
     assert headline is not None
@@ -117,57 +126,36 @@ def _oldest_running(conn: Connection) -> Any:
     return conn.execute(stmt).first()
 
 
-def _read_top_failures(engine: Engine, top: int) -> list[dict[str, Any]]:
-    if not top:
-        return []
-    with reading(engine) as conn, conn.begin():
-        return _top_failures(conn, top)
-
-
 def _top_failures(conn: Connection, top: int) -> list[dict[str, Any]]:
-    """The `top` most common (error class, message) pairs, each with a few keys: the
-    latest failures' (one backward walk of the status index), or for a reason none of
-    them has, the first found."""
-    reasons = (
-        select(jobs.c.error_class, jobs.c.error, func.count().label("n"))
-        .where(jobs.c.status == Status.FAILED.value)
-        .group_by(jobs.c.error_class, jobs.c.error)
-        .order_by(func.count().desc(), jobs.c.error_class, jobs.c.error)
-        .limit(top)
-    )
-    failures = [
-        {"error_class": r.error_class, "error": r.error, "count": r.n, "examples": []}
-        for r in conn.execute(reasons).all()
+    """The `top` most common reasons (error class and the message's first
+    REASON_CHARS characters), each with a few keys: the latest failures' (one
+    backward walk of the status index), or for a reason none of them has, its
+    latest, found through the reasons' index."""
+    reasons = top_reasons(conn, top)
+    examples: dict[tuple[str | None, str | None], list[str]] = {
+        (r.error_class, r.reason): [] for r in reasons
+    }
+    if reasons:
+        latest = (
+            select(jobs.c.key, jobs.c.error_class, jobs.c.error)
+            .where(jobs.c.status == Status.FAILED.value)
+            .order_by(jobs.c.id.desc())
+            .limit(EXAMPLES_SCANNED)
+        )
+        for row in conn.execute(latest):
+            reason = None if row.error is None else row.error[:REASON_CHARS]
+            keys = examples.get((row.error_class, reason))
+            if keys is not None and len(keys) < EXAMPLES:
+                keys.append(row.key)
+    return [
+        {
+            "error_class": r.error_class,
+            "error": r.reason,
+            "count": r.count,
+            "examples": examples[(r.error_class, r.reason)] or example_keys(conn, r, EXAMPLES),
+        }
+        for r in reasons
     ]
-    if not failures:
-        return failures
-    by_reason = {(f["error_class"], f["error"]): f["examples"] for f in failures}
-    latest = (
-        select(jobs.c.key, jobs.c.error_class, jobs.c.error)
-        .where(jobs.c.status == Status.FAILED.value)
-        .order_by(jobs.c.id.desc())
-        .limit(EXAMPLES_SCANNED)
-    )
-    for row in conn.execute(latest):
-        keys = by_reason.get((row.error_class, row.error))
-        if keys is not None and len(keys) < EXAMPLES:
-            keys.append(row.key)
-    for f in failures:
-        if not f["examples"]:
-            stmt = (
-                select(jobs.c.key)
-                .where(
-                    jobs.c.status == Status.FAILED.value,
-                    jobs.c.error_class.is_(None)
-                    if f["error_class"] is None
-                    else jobs.c.error_class == f["error_class"],
-                    jobs.c.error.is_(None) if f["error"] is None else jobs.c.error == f["error"],
-                )
-                .order_by(jobs.c.id.desc())
-                .limit(EXAMPLES)
-            )
-            f["examples"] = list(conn.execute(stmt).scalars())
-    return failures
 
 
 def _bucket_of(conn: Connection, start: float, bucket_s: float) -> Any:
