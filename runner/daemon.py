@@ -110,6 +110,7 @@ class Daemon:
         loop = asyncio.get_running_loop()
         self._install_signals(loop)
         await self._reap()
+        await self._fold_counts()  # what an import or a stopped daemon left to fold
         if self.embedder is None:
             self.embedder = await loop.run_in_executor(self._model_thread, self._load_model)
         await self._check_spec(self.embedder)

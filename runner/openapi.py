@@ -224,9 +224,18 @@ SCHEMAS: dict[str, Any] = {
                     "type": "object",
                     "properties": {
                         "error_class": {"type": "string", "nullable": True},
-                        "error": {"type": "string", "nullable": True},
+                        "error": {
+                            "type": "string",
+                            "nullable": True,
+                            "description": "The message's first 200 characters: failures "
+                            "alike in those are counted as one reason.",
+                        },
                         "count": _INTEGER,
-                        "examples": {"type": "array", "items": {"type": "string"}},
+                        "examples": {
+                            "type": "array",
+                            "items": {"type": "string"},
+                            "description": "Keys of the latest jobs that failed so.",
+                        },
                     },
                 },
             },

@@ -8,7 +8,9 @@ change a sum, even while claims and finishes run beside it.
 
 from __future__ import annotations
 
+import subprocess
 import threading
+from pathlib import Path
 
 import pytest
 from sqlalchemy import text
@@ -20,6 +22,7 @@ from runner.jobs import Failure, Outcome, Status
 from runner.maintenance import prune_done
 from runner.models import REASON_CHARS
 from runner.queries import reading
+from tests.argv import daemon_args, runner_process
 from tests.test_same_url import _engine, _import, _in_threads, _result
 
 LONG = "x" * REASON_CHARS
@@ -213,4 +216,25 @@ def test_top_breaks_ties_the_same_way_on_either_database(any_db_url: str, top: i
         )
     with reading(engine) as conn:
         assert [r.reason for r in top_reasons(conn, top)] == ["a", "b"][:top]
+    engine.dispose()
+
+
+def test_a_starting_daemon_folds_the_counts(pg_url: str, tiny_model: Path, tmp_path: Path) -> None:
+    engine = _engine(pg_url)
+    for i in range(3):  # three imports, three statements: three rows
+        _import(engine, {f"bad{i}": "ftp://nowhere"})
+    with engine.connect() as conn:
+        before = conn.execute(text("SELECT max(id) FROM job_counts")).scalar_one()
+    assert _count_rows(engine) == 3
+    daemon = subprocess.run(
+        [*runner_process(pg_url), *daemon_args(tiny_model, tmp_path / "w"), "--until-done"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert daemon.returncode == 0, daemon.stderr[-3000:]
+    with engine.connect() as conn:  # folded before it claimed (and failed) the three
+        left = conn.execute(text("SELECT count(*) FROM job_counts WHERE id <= :id"), {"id": before})
+        assert left.scalar_one() == 0
+    _assert_true(engine)
     engine.dispose()
