@@ -6,6 +6,7 @@ set RUNNER_DEBUG=1 to see the traceback instead.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import re
@@ -53,7 +54,9 @@ class RunnerGroup(click.Group):
 def _engine(ctx: click.Context) -> Engine:
     from runner.db import connect
 
-    return connect(ctx.obj["db"])
+    engine = connect(ctx.obj["db"])
+    ctx.call_on_close(engine.dispose)  # connections closed when the command ends
+    return engine
 
 
 @click.group(cls=RunnerGroup)
@@ -796,5 +799,17 @@ def prune(ctx: click.Context, before: float, keep_results: bool) -> None:
     )
 
 
+def run() -> None:
+    """The `runner` command: `main`, then a quick exit.  The interpreter's last
+    garbage collection walks every object SQLAlchemy and the driver made at import,
+    60 ms of a 450 ms `runner status`, and frees nothing the exit would not: the
+    command is over and its connections closed.  (Not in `main`, which tests call
+    in-process many times.)"""
+    try:
+        main()
+    finally:
+        gc.freeze()
+
+
 if __name__ == "__main__":
-    main()
+    run()
