@@ -8,8 +8,10 @@ starts), with the database of benchmarks/status_data.py (1M jobs, nothing due; n
 statistics on SQLite, as runner leaves it; VACUUM ANALYZE on PostgreSQL, as
 autovacuum would do after the load):
 
-  baseline   the code before this change (`git archive` of BASELINE_REF), whose
-             progress bar re-counted every state with a GROUP BY each second;
+  baseline   the code before the status page (`git archive` of BASELINE_REF, with
+             today's migrations so it runs on this schema), whose progress bar
+             re-counted every state with a GROUP BY each second, and its
+             `runner status --json`;
              and that GROUP BY alone, timed in this process
   idle       `runner daemon --progress --http` with nothing to do, its CPU time
              (and on PostgreSQL the server's too) over --idle-s seconds after
@@ -164,6 +166,10 @@ def baseline_tree(root: Path) -> Path | None:
     target.mkdir()
     with tarfile.open(archive) as tar:
         tar.extractall(target, filter="data")
+    # the current migrations: the old code then finds the schema at its head (newer
+    # revisions only add what it never reads) rather than refusing the database
+    shutil.rmtree(target / "migrations")
+    shutil.copytree(REPO / "migrations", target / "migrations")
     return target
 
 
@@ -190,15 +196,16 @@ def group_by_ms(db_url: str, times: int = 10) -> tuple[float, float]:
         engine.dispose()
 
 
-def status_command(db_url: str) -> tuple[float, float]:
-    """`runner status --json`: (whole command wall ms, read_status ms inside it)."""
+def status_command(db_url: str, tree: Path = REPO) -> tuple[float, float]:
+    """`runner status --json` of the code in `tree`: (whole command wall ms, median
+    of three; read_status ms inside it)."""
     code = (
         "import time, sys; t0 = time.perf_counter();"
         "from runner.db import connect; from runner.status import read_status;"
         "e = connect(sys.argv[1]); t1 = time.perf_counter();"
-        "read_status(e); print((time.perf_counter() - t1) * 1000)"
+        "read_status(e, now=time.time()); print((time.perf_counter() - t1) * 1000)"
     )
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env = dict(os.environ, PYTHONPATH=str(tree))
     inside = float(
         subprocess.run(
             [sys.executable, "-c", code, db_url], env=env, capture_output=True, check=True
@@ -292,7 +299,7 @@ def run_backend(
         with daemon(db_url, model, root / "w-old", old, root / f"{name}-old.log") as (proc, base):
             old_idle = idle_cpu(proc, base, args.idle_s, data_dir)
         print(
-            f"  baseline daemon (before this change), idle: {old_idle[0] * 100:.2f} % of a core"
+            f"  baseline daemon (before the status page), idle: {old_idle[0] * 100:.2f} % of a core"
             + (f", server {old_idle[1] * 100:.2f} %" if data_dir else "")
         )
     with daemon(db_url, model, root / "w-new", REPO, root / f"{name}-new.log") as (proc, base):
@@ -300,6 +307,7 @@ def run_backend(
         got = answers(base)
         page = page_load_ms(base, screenshot)
     command_ms, inside_ms = status_command(db_url)
+    old_command = status_command(db_url, old) if old is not None else None
     line = f"  daemon now, idle: {new_idle[0] * 100:.2f} % of a core"
     if data_dir:
         line += f", server {new_idle[1] * 100:.2f} %"
@@ -316,6 +324,12 @@ def run_backend(
         f"  runner status --json: {command_ms:.0f} ms for the whole command, of which "
         f"read_status {inside_ms:.0f} ms (the rest is Python start-up and imports)"
     )
+    if old_command is not None:
+        print(
+            f"  baseline runner status --json: {old_command[0]:.0f} ms, read_status "
+            f"{old_command[1]:.0f} ms; now {command_ms / old_command[0]:.2f}x and "
+            f"{inside_ms / old_command[1]:.2f}x"
+        )
     if page is not None:
         print(f"  the page in headless Chromium, navigation to numbers: {page:.0f} ms")
     print(flush=True)
