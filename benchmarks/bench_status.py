@@ -340,12 +340,12 @@ def run_backend(
         f"read_status {inside_ms:.0f} ms (the rest is Python start-up and imports)"
     )
     for what, measured in (
-        ("before the status page", old_command),
-        ("the status page before kept counts", previous_command),
+        ("the code before the status page", old_command),
+        ("the status page with counts scanned", previous_command),
     ):
         if measured is not None:
             print(
-                f"  runner status --json of the code {what}: {measured[0]:.0f} ms, "
+                f"  runner status --json, {what}: {measured[0]:.0f} ms, "
                 f"read_status {measured[1]:.0f} ms; now {command_ms / measured[0]:.2f}x "
                 f"and {inside_ms / measured[1]:.2f}x"
             )
