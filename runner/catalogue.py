@@ -39,6 +39,7 @@ from runner.catalogue_write import (
     upsert_records,
     write_batch,
 )
+from runner.counts import fold_counts
 from runner.errors import RunnerError
 
 __all__ = [  # the writes live in runner.catalogue_write; callers import them from here
@@ -283,7 +284,7 @@ def import_catalogue(
     now = time.time() if now is None else now
     with _no_cyclic_gc():
         try:
-            return _import_with(ijson, engine, path, fmt, now=now)
+            imported = _import_with(ijson, engine, path, fmt, now=now)
         except _BigIntegers as exc:
             # The C backend stops at any integer beyond 64 bits (a tweet id, say),
             # even in metadata we only carry along, and at an escaped lone low
@@ -292,7 +293,9 @@ def import_catalogue(
             # their records invalid, not the file.  The first pass rolled back, so
             # nothing is counted twice.
             log.info("%s holds %s: importing with the Python parser", path, exc)
-            return _import_with(ijson.get_backend("python"), engine, path, fmt, now=now)
+            imported = _import_with(ijson.get_backend("python"), engine, path, fmt, now=now)
+    fold_counts(engine)  # a row per batch and state: status reads sum a handful
+    return imported
 
 
 @contextlib.contextmanager

@@ -38,6 +38,13 @@ __all__ = [
 
 #: how often a daemon folds `job_counts` (when anything was added since)
 FOLD_EVERY_S = 60.0
+#: every row out, their sums back in, in one statement
+FOLD_SQL = (
+    "WITH gone AS (DELETE FROM job_counts RETURNING status, error_class, reason, n) "
+    "INSERT INTO job_counts (status, error_class, reason, n) "
+    "SELECT status, error_class, reason, sum(n) FROM gone "
+    "GROUP BY status, error_class, reason HAVING sum(n) <> 0"
+)
 #: one fold at a time across every daemon (pg_try_advisory_xact_lock's key)
 _FOLD_LOCK = 0x72756E6E65720006
 
@@ -129,10 +136,5 @@ def fold_counts(engine: Engine, *, above_id: int = 0) -> int:
         highest = conn.execute(select(func.max(job_counts.c.id))).scalar_one()
         if highest is None or highest <= above_id:
             return above_id
-        conn.exec_driver_sql(
-            "WITH gone AS (DELETE FROM job_counts RETURNING status, error_class, reason, n) "
-            "INSERT INTO job_counts (status, error_class, reason, n) "
-            "SELECT status, error_class, reason, sum(n) FROM gone "
-            "GROUP BY status, error_class, reason HAVING sum(n) <> 0"
-        )
+        conn.exec_driver_sql(FOLD_SQL)
         return int(conn.execute(select(func.max(job_counts.c.id))).scalar_one() or highest)

@@ -149,8 +149,15 @@ def _server_engine(parsed: URL) -> Engine:
             parsed = parsed.set(drivername="postgresql+psycopg")
         if "connect_timeout" not in parsed.query:
             connect_args["connect_timeout"] = CONNECT_TIMEOUT_S
+    isolation: dict[str, Any] = {}
+    if parsed.get_backend_name() == "postgresql":
+        # every statement is written for READ COMMITTED (a claim's SKIP LOCKED, the
+        # count triggers' seed and folds); a server whose default is stricter would
+        # fail them with serialization errors or count from a stale snapshot
+        isolation["isolation_level"] = "READ COMMITTED"
     engine = create_engine(
         parsed,
+        **isolation,
         pool_size=POOL_SIZE,
         max_overflow=POOL_OVERFLOW,
         pool_pre_ping=True,

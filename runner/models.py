@@ -106,7 +106,9 @@ def reason_of(error: Any) -> Any:
 
 
 # failed rows by reason: their example keys, and on SQLite the reasons' counts
-# read from the index alone (runner/counts.py)
+# read from the index alone (runner/counts.py names it with INDEXED BY).  A batch
+# migration that recreates jobs on SQLite must create it again: reflection skips an
+# index on an expression (tests/test_migrations.py checks it is there at head).
 Index(
     "ix_jobs_failed_reason",
     jobs.c.error_class,

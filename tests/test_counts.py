@@ -8,6 +8,7 @@ change a sum, even while claims and finishes run beside it.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import threading
 from pathlib import Path
@@ -16,7 +17,7 @@ import pytest
 from sqlalchemy import text
 
 from runner import jobs
-from runner.counts import count_by_status, example_keys, fold_counts, top_reasons
+from runner.counts import FOLD_SQL, count_by_status, example_keys, fold_counts, top_reasons
 from runner.db import make_engine, migrate
 from runner.jobs import Failure, Outcome, Status
 from runner.maintenance import prune_done
@@ -237,4 +238,91 @@ def test_a_starting_daemon_folds_the_counts(pg_url: str, tiny_model: Path, tmp_p
         left = conn.execute(text("SELECT count(*) FROM job_counts WHERE id <= :id"), {"id": before})
         assert left.scalar_one() == 0
     _assert_true(engine)
+    engine.dispose()
+
+
+def test_a_truncate_waits_for_a_fold_and_clears_its_rows(pg_url: str) -> None:
+    """A DELETE in the TRUNCATE trigger would skip the rows a fold in progress
+    deletes and miss the ones it inserts: the counts would stay at the old sums."""
+    engine = _engine(pg_url)
+    _import(engine, {f"k{i}": f"http://media.test/v/{i}" for i in range(5)})
+    _import(engine, {"other": "http://media.test/v/other"})
+    with engine.connect() as folding:
+        folding.begin()
+        folding.exec_driver_sql(FOLD_SQL)
+        truncate = threading.Thread(target=lambda: _run(engine, "TRUNCATE jobs"))
+        truncate.start()
+        truncate.join(0.5)
+        assert truncate.is_alive()  # waits for the fold
+        folding.commit()
+    truncate.join(30)
+    assert _counted(engine) == ({s: 0 for s in Status}, {})
+    engine.dispose()
+
+
+def _run(engine, sql: str) -> None:  # type: ignore[no-untyped-def]
+    with engine.begin() as conn:
+        conn.execute(text(sql))
+
+
+def test_triggers_write_to_their_own_schema_whatever_the_search_path(pg_url: str) -> None:
+    """pg_restore writes with an empty search_path, and a session's temporary table
+    named job_counts would come first in it."""
+    engine = _engine(pg_url)
+    with engine.begin() as conn:
+        conn.execute(text("CREATE TEMP TABLE job_counts (status text, n bigint) ON COMMIT DROP"))
+        _import_on(conn, "a")
+        conn.execute(text("SET LOCAL search_path = ''"))
+        conn.execute(
+            text(
+                "INSERT INTO public.jobs (key, url, status, created_at)"
+                " VALUES ('b', 'http://media.test/b', 'pending', 0)"
+            )
+        )
+    _assert_true(engine)
+    assert _counted(engine)[0][Status.PENDING] == 2
+    engine.dispose()
+
+
+def _import_on(conn, key: str) -> None:  # type: ignore[no-untyped-def]
+    conn.execute(
+        text(
+            "INSERT INTO jobs (key, url, status, created_at)"
+            " VALUES (:key, 'http://media.test/' || :key, 'pending', 0)"
+        ),
+        {"key": key},
+    )
+
+
+def test_statements_run_read_committed_whatever_the_server_default(pg_url: str) -> None:
+    """Claims, the migration's seed and folds are written for READ COMMITTED: under
+    REPEATABLE READ the seed could count from a snapshot older than its triggers."""
+    with make_engine(pg_url).connect() as conn:
+        database = conn.execute(text("SELECT current_database()")).scalar_one()
+        conn.execute(
+            text(
+                f'ALTER DATABASE "{database}" SET default_transaction_isolation = '
+                "'repeatable read'"
+            )
+        )
+        conn.commit()
+    engine = _engine(pg_url)
+    with engine.begin() as conn:
+        assert conn.execute(text("SHOW transaction_isolation")).scalar_one() == "read committed"
+    engine.dispose()
+
+
+def test_an_adoption_folds_what_its_per_key_updates_left(pg_url: str, tmp_path: Path) -> None:
+    from runner.adopt import import_results
+
+    engine = _engine(pg_url)
+    _import(engine, {f"k{i}": f"http://media.test/v/{i}" for i in range(6)})
+    old = tmp_path / "old"
+    old.mkdir()
+    failed = {f"k{i}": {"url": f"http://media.test/v/{i}", "error": "HTTP 404"} for i in range(3)}
+    (old / "audio_fail.json").write_text(json.dumps(failed))
+    (old / "audio_vectors.json").write_text(json.dumps({"k4": [[0.5, 0.25]]}))
+    import_results(engine, old, now=5000.0)
+    _assert_true(engine)
+    assert _count_rows(engine) == 3  # pending, done, and one reason of failure
     engine.dispose()

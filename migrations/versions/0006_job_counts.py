@@ -48,34 +48,45 @@ _KEYED = (
     " CASE WHEN status = 'failed' THEN error_class END AS error_class,"
     f" CASE WHEN status = 'failed' THEN {_REASON} END AS reason"
 )
-_PG_FUNCTIONS = {
-    "runner_counts_inserted": f"""
-        INSERT INTO job_counts (status, error_class, reason, n)
-        SELECT status, error_class, reason, count(*)
-        FROM (SELECT {_KEYED} FROM new_rows) AS changed
-        GROUP BY status, error_class, reason;
-    """,
-    "runner_counts_deleted": f"""
-        INSERT INTO job_counts (status, error_class, reason, n)
-        SELECT status, error_class, reason, -count(*)
-        FROM (SELECT {_KEYED} FROM old_rows) AS changed
-        GROUP BY status, error_class, reason;
-    """,
-    # every UPDATE of jobs runs it (a trigger with transition tables cannot name
-    # columns); one that changes no state or reason (a lease renewal) adds nothing
-    "runner_counts_updated": f"""
-        INSERT INTO job_counts (status, error_class, reason, n)
-        SELECT status, error_class, reason, sum(d)
-        FROM (
-            SELECT {_KEYED}, -1 AS d FROM old_rows
-            UNION ALL
-            SELECT {_KEYED}, 1 AS d FROM new_rows
-        ) AS changed
-        GROUP BY status, error_class, reason
-        HAVING sum(d) <> 0;
-    """,
-    "runner_counts_truncated": "DELETE FROM job_counts;",
-}
+
+
+def _pg_functions(table: str) -> dict[str, str]:
+    """The trigger functions' bodies, writing to `table` named with its schema: a
+    trigger runs with the search_path of whoever writes to jobs (pg_restore sets it
+    empty; a session's temporary table named job_counts would come first)."""
+    insert = f"INSERT INTO {table} (status, error_class, reason, n)"
+    return {
+        "runner_counts_inserted": f"""
+            {insert}
+            SELECT status, error_class, reason, count(*)
+            FROM (SELECT {_KEYED} FROM new_rows) AS changed
+            GROUP BY status, error_class, reason;
+        """,
+        "runner_counts_deleted": f"""
+            {insert}
+            SELECT status, error_class, reason, -count(*)
+            FROM (SELECT {_KEYED} FROM old_rows) AS changed
+            GROUP BY status, error_class, reason;
+        """,
+        # every UPDATE of jobs runs it (a trigger with transition tables cannot name
+        # columns); one that changes no state or reason (a lease renewal) adds nothing
+        "runner_counts_updated": f"""
+            {insert}
+            SELECT status, error_class, reason, sum(d)
+            FROM (
+                SELECT {_KEYED}, -1 AS d FROM old_rows
+                UNION ALL
+                SELECT {_KEYED}, 1 AS d FROM new_rows
+            ) AS changed
+            GROUP BY status, error_class, reason
+            HAVING sum(d) <> 0;
+        """,
+        # TRUNCATE, not DELETE: it waits for a fold in progress to commit and then
+        # removes the fold's rows too, which a DELETE's snapshot would not see
+        "runner_counts_truncated": f"TRUNCATE {table};",
+    }
+
+
 _PG_TRIGGERS = (
     ("runner_counts_insert", "AFTER INSERT", "REFERENCING NEW TABLE AS new_rows", "inserted"),
     ("runner_counts_delete", "AFTER DELETE", "REFERENCING OLD TABLE AS old_rows", "deleted"),
@@ -115,7 +126,10 @@ def upgrade() -> None:
 
 
 def _count_with_triggers() -> None:
-    for name, body in _PG_FUNCTIONS.items():
+    conn = op.get_bind()
+    schema = conn.execute(sa.text("SELECT current_schema()")).scalar_one()
+    table = f"{conn.dialect.identifier_preparer.quote_schema(schema)}.job_counts"
+    for name, body in _pg_functions(table).items():
         op.execute(
             f"CREATE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql AS $$\n"
             f"BEGIN\n{body}\nRETURN NULL;\nEND\n$$"
@@ -137,7 +151,7 @@ def downgrade() -> None:
     if op.get_bind().dialect.name == "postgresql":
         for trigger, *_ in _PG_TRIGGERS:
             op.execute(f"DROP TRIGGER {trigger} ON jobs")
-        for name in _PG_FUNCTIONS:
+        for name in _pg_functions("job_counts"):
             op.execute(f"DROP FUNCTION {name}()")
     op.drop_index("ix_jobs_failed_reason", table_name="jobs")
     op.drop_table("job_counts")
