@@ -58,9 +58,9 @@ class Reason:
     count: int
 
 
-def counts_are_kept(conn: Connection) -> bool:
+def counts_are_kept(db: Connection | Engine) -> bool:
     """Whether triggers keep `job_counts` (PostgreSQL), so counting costs nothing."""
-    return conn.dialect.name == "postgresql"
+    return db.dialect.name == "postgresql"
 
 
 def count_by_status(conn: Connection) -> dict[Status, int]:
@@ -128,9 +128,9 @@ def fold_counts(engine: Engine, *, above_id: int = 0) -> int:
 
     One statement: a reader sees the rows before it or after it, never half, and
     rows that triggers append meanwhile are not in its snapshot, so it leaves them."""
+    if not counts_are_kept(engine):  # and no write lock taken on SQLite to find out
+        return above_id
     with engine.begin() as conn:
-        if not counts_are_kept(conn):
-            return above_id
         if not conn.execute(select(func.pg_try_advisory_xact_lock(_FOLD_LOCK))).scalar_one():
             return above_id
         highest = conn.execute(select(func.max(job_counts.c.id))).scalar_one()

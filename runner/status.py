@@ -24,13 +24,7 @@ from sqlalchemy import Connection, Engine, Integer, case, cast, func, select
 
 from runner.counts import example_keys, top_reasons
 from runner.dbclock import read_now
-from runner.headline import (
-    WINDOWS,
-    Headline,
-    read_headline,
-    unindexed,
-    worked_on,
-)
+from runner.headline import WINDOWS, Headline, read_headline, unindexed, worked_on
 from runner.jobs import Status
 from runner.models import REASON_CHARS, jobs
 from runner.queries import reading
