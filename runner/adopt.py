@@ -31,7 +31,7 @@ from sqlalchemy import Connection, Engine, bindparam, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from runner import maintenance
-from runner.counts import fold_counts
+from runner.counts import try_fold_counts
 from runner.errors import RunnerError
 from runner.jobs import Status
 from runner.models import ADOPTED, jobs
@@ -485,7 +485,7 @@ def import_results(engine: Engine, directory: Path, *, now: float) -> AdoptCount
             _import_vectors(conn, paths[VECTORS_FILE], now, counts)
         if paths[PROCESS_FILE].is_file():
             _import_facts(conn, paths[PROCESS_FILE], counts)
-    fold_counts(engine)  # the per-key updates left a row of counts for each
+    try_fold_counts(engine)  # the per-key updates left a row of counts for each
     return counts
 
 

@@ -39,7 +39,7 @@ from runner.catalogue_write import (
     upsert_records,
     write_batch,
 )
-from runner.counts import fold_counts
+from runner.counts import try_fold_counts
 from runner.errors import RunnerError
 
 __all__ = [  # the writes live in runner.catalogue_write; callers import them from here
@@ -294,7 +294,7 @@ def import_catalogue(
             # nothing is counted twice.
             log.info("%s holds %s: importing with the Python parser", path, exc)
             imported = _import_with(ijson.get_backend("python"), engine, path, fmt, now=now)
-    fold_counts(engine)  # a row per batch and state: status reads sum a handful
+    try_fold_counts(engine)  # a row per batch and state: status reads sum a handful
     return imported
 
 

@@ -19,9 +19,11 @@ row, so the query names the index.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from sqlalchemy import Connection, Engine, Executable, func, select, text
+from sqlalchemy.exc import SQLAlchemyError
 
 from runner.jobs import Status
 from runner.models import REASON_CHARS, job_counts, jobs, reason_of
@@ -34,16 +36,26 @@ __all__ = [
     "example_keys",
     "fold_counts",
     "top_reasons",
+    "try_fold_counts",
 ]
+
+log = logging.getLogger(__name__)
 
 #: how often a daemon folds `job_counts` (when anything was added since)
 FOLD_EVERY_S = 60.0
-#: every row out, their sums back in, in one statement
-FOLD_SQL = (
-    "WITH gone AS (DELETE FROM job_counts RETURNING status, error_class, reason, n) "
-    "INSERT INTO job_counts (status, error_class, reason, n) "
-    "SELECT status, error_class, reason, sum(n) FROM gone "
-    "GROUP BY status, error_class, reason HAVING sum(n) <> 0"
+#: the most rows one fold statement takes (the oldest): a statement_timeout, or a
+#: backlog left with no daemon running, must not make every fold fail
+FOLD_SLICE_ROWS = 100_000
+#: a slice of rows out, their sums back in, in one statement (folding any subset
+#: keeps every sum); how many rows went out
+FOLD = text(
+    "WITH gone AS (DELETE FROM job_counts WHERE id IN"
+    " (SELECT id FROM job_counts ORDER BY id LIMIT :rows)"
+    " RETURNING status, error_class, reason, n),"
+    " kept AS (INSERT INTO job_counts (status, error_class, reason, n)"
+    " SELECT status, error_class, reason, sum(n) FROM gone"
+    " GROUP BY status, error_class, reason HAVING sum(n) <> 0 RETURNING 1)"
+    " SELECT count(*) FROM gone"
 )
 #: one fold at a time across every daemon (pg_try_advisory_xact_lock's key)
 _FOLD_LOCK = 0x72756E6E65720006
@@ -121,20 +133,39 @@ def example_keys(conn: Connection, reason: Reason, limit: int) -> list[str]:
     return list(conn.execute(stmt).scalars())
 
 
-def fold_counts(engine: Engine, *, above_id: int = 0) -> int:
+def fold_counts(engine: Engine, *, above_id: int = 0, slice_rows: int = FOLD_SLICE_ROWS) -> int:
     """Fold `job_counts` into one row per state and reason, if it has rows past
     `above_id`; returns the highest id after, to pass next time (so a daemon with
     nothing to do folds nothing).  Nothing on SQLite, or while another fold runs.
 
-    One statement: a reader sees the rows before it or after it, never half, and
-    rows that triggers append meanwhile are not in its snapshot, so it leaves them."""
+    A slice of `slice_rows` per transaction, oldest first, until a slice comes up
+    short.  Each is one statement: a reader sees its rows before it or after it,
+    never half, and rows that triggers append meanwhile are not in its snapshot."""
     if not counts_are_kept(engine):  # and no write lock taken on SQLite to find out
         return above_id
-    with engine.begin() as conn:
-        if not conn.execute(select(func.pg_try_advisory_xact_lock(_FOLD_LOCK))).scalar_one():
+    first = True
+    while True:
+        with engine.begin() as conn:
+            if not conn.execute(select(func.pg_try_advisory_xact_lock(_FOLD_LOCK))).scalar_one():
+                return above_id
+            highest = conn.execute(select(func.max(job_counts.c.id))).scalar_one()
+            if highest is None or (first and highest <= above_id):
+                return above_id
+            gone = conn.execute(FOLD, {"rows": slice_rows}).scalar_one()
+            above_id = int(conn.execute(select(func.max(job_counts.c.id))).scalar_one() or highest)
+        if gone < slice_rows:
             return above_id
-        highest = conn.execute(select(func.max(job_counts.c.id))).scalar_one()
-        if highest is None or highest <= above_id:
-            return above_id
-        conn.exec_driver_sql(FOLD_SQL)
-        return int(conn.execute(select(func.max(job_counts.c.id))).scalar_one() or highest)
+        first = False
+
+
+def try_fold_counts(engine: Engine, *, above_id: int = 0) -> int:
+    """`fold_counts` for callers whose own work is done or must go on (a daemon, an
+    import that has committed): folding only keeps reads cheap, so an error (a
+    server restarting, a statement or lock timeout) is logged, the next fold tries
+    again, and the caller neither fails nor waits on retries."""
+    try:
+        return fold_counts(engine, above_id=above_id)
+    except SQLAlchemyError as exc:
+        reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
+        log.warning("job counts not folded (a later fold tries again): %s", reason)
+        return above_id

@@ -32,7 +32,7 @@ from sqlalchemy import Engine
 from runner import jobs, maintenance
 from runner.attempt import Attempt
 from runner.config import DaemonConfig
-from runner.counts import FOLD_EVERY_S, fold_counts
+from runner.counts import FOLD_EVERY_S, try_fold_counts
 from runner.dbthread import DbThread
 from runner.download import HostGate, make_session
 from runner.embed import Embedder, WindowItem, default_batch_seconds
@@ -324,7 +324,9 @@ class Daemon:
         )
 
     async def _fold_counts(self) -> None:
-        self._counts_folded_to = await self.db.call(fold_counts, above_id=self._counts_folded_to)
+        self._counts_folded_to = await self.db.call(
+            try_fold_counts, above_id=self._counts_folded_to
+        )
 
     async def _report_progress(self, *, max_age_s: float | None = None) -> None:
         headline = await self.db.call(self.headlines.get, max_age_s=max_age_s)

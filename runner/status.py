@@ -26,7 +26,7 @@ from runner.counts import example_keys, top_reasons
 from runner.dbclock import read_now
 from runner.headline import WINDOWS, Headline, read_headline, unindexed, worked_on
 from runner.jobs import Status
-from runner.models import REASON_CHARS, jobs
+from runner.models import jobs, reason_of
 from runner.queries import reading
 from runner.rates import window_rate
 from runner.spec import registered_specs, spec_lines
@@ -128,14 +128,13 @@ def _top_failures(conn: Connection, top: int) -> list[dict[str, Any]]:
     }
     if reasons:
         latest = (
-            select(jobs.c.key, jobs.c.error_class, jobs.c.error)
+            select(jobs.c.key, jobs.c.error_class, reason_of(jobs.c.error).label("reason"))
             .where(jobs.c.status == Status.FAILED.value)
             .order_by(jobs.c.id.desc())
             .limit(EXAMPLES_SCANNED)
         )
-        for row in conn.execute(latest):
-            reason = None if row.error is None else row.error[:REASON_CHARS]
-            keys = examples.get((row.error_class, reason))
+        for row in conn.execute(latest):  # the reason, not the whole message: it may be long
+            keys = examples.get((row.error_class, row.reason))
             if keys is not None and len(keys) < EXAMPLES:
                 keys.append(row.key)
     return [

@@ -17,7 +17,14 @@ import pytest
 from sqlalchemy import text
 
 from runner import jobs
-from runner.counts import FOLD_SQL, count_by_status, example_keys, fold_counts, top_reasons
+from runner.counts import (
+    FOLD,
+    count_by_status,
+    example_keys,
+    fold_counts,
+    top_reasons,
+    try_fold_counts,
+)
 from runner.db import make_engine, migrate
 from runner.jobs import Failure, Outcome, Status
 from runner.maintenance import prune_done
@@ -249,7 +256,7 @@ def test_a_truncate_waits_for_a_fold_and_clears_its_rows(pg_url: str) -> None:
     _import(engine, {"other": "http://media.test/v/other"})
     with engine.connect() as folding:
         folding.begin()
-        folding.exec_driver_sql(FOLD_SQL)
+        folding.execute(FOLD, {"rows": 1000})
         truncate = threading.Thread(target=lambda: _run(engine, "TRUNCATE jobs"))
         truncate.start()
         truncate.join(0.5)
@@ -325,4 +332,58 @@ def test_an_adoption_folds_what_its_per_key_updates_left(pg_url: str, tmp_path: 
     import_results(engine, old, now=5000.0)
     _assert_true(engine)
     assert _count_rows(engine) == 3  # pending, done, and one reason of failure
+    engine.dispose()
+
+
+def test_folding_in_slices_keeps_every_sum(pg_url: str) -> None:
+    """A backlog is folded a slice at a time (a statement_timeout must not make
+    every fold fail): each slice keeps the sums, and slices go on until one is short."""
+    engine = _engine(pg_url)
+    for i in range(9):  # nine statements: nine rows of counts at least
+        _import(engine, {f"k{i}": f"http://media.test/v/{i}"})
+    before = _count_rows(engine)
+    assert before >= 9
+    fold_counts(engine, slice_rows=2)
+    _assert_true(engine)
+    assert _count_rows(engine) == 1
+    engine.dispose()
+
+
+def test_a_fold_that_fails_fails_neither_an_import_nor_a_daemon(
+    pg_url: str, tiny_model: Path, tmp_path: Path
+) -> None:
+    """Folding only keeps reads cheap: an import whose rows are committed, or a
+    daemon with work to do, goes on when it cannot fold (here a row lock held by
+    another session and a lock_timeout), and a later fold catches up."""
+    from runner.catalogue import CatalogueFormat, import_catalogue
+
+    engine = _engine(pg_url)
+    _import(engine, {"first": "ftp://nowhere"})
+    with engine.connect() as conn:
+        database = conn.execute(text("SELECT current_database()")).scalar_one()
+        conn.execute(text(f"ALTER DATABASE \"{database}\" SET lock_timeout = '200ms'"))
+        conn.commit()
+    engine.dispose()
+    engine = _engine(pg_url)
+    with engine.connect() as holder:
+        holder.begin()
+        holder.execute(text("SELECT * FROM job_counts FOR UPDATE")).all()
+        assert try_fold_counts(engine, above_id=0) == 0  # logged, not raised
+        catalogue = tmp_path / "all_videos.json"
+        catalogue.write_text(json.dumps({"second": {"url": "ftp://nowhere"}}))
+        counts, _ = import_catalogue(engine, catalogue, CatalogueFormat("key", "url"))
+        assert counts.invalid == 1  # stored, failed at import: no fetchable URL
+        daemon = subprocess.run(
+            [*runner_process(pg_url), *daemon_args(tiny_model, tmp_path / "w"), "--until-done"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert daemon.returncode == 0, daemon.stderr[-3000:]
+        assert "job counts not folded" in daemon.stderr
+        holder.rollback()
+    _assert_true(engine)
+    assert _counted(engine)[0][Status.FAILED] == 2  # one by the import, one by the daemon
+    fold_counts(engine)
+    _assert_true(engine)
     engine.dispose()
