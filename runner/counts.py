@@ -143,19 +143,19 @@ def fold_counts(engine: Engine, *, above_id: int = 0, slice_rows: int = FOLD_SLI
     never half, and rows that triggers append meanwhile are not in its snapshot."""
     if not counts_are_kept(engine):  # and no write lock taken on SQLite to find out
         return above_id
-    first = True
+    highest_id = select(func.max(job_counts.c.id))
+    with engine.connect() as conn:
+        highest = conn.execute(highest_id).scalar_one()
+    if highest is None or highest <= above_id:  # nothing added since
+        return above_id
     while True:
         with engine.begin() as conn:
             if not conn.execute(select(func.pg_try_advisory_xact_lock(_FOLD_LOCK))).scalar_one():
                 return above_id
-            highest = conn.execute(select(func.max(job_counts.c.id))).scalar_one()
-            if highest is None or (first and highest <= above_id):
-                return above_id
             gone = conn.execute(FOLD, {"rows": slice_rows}).scalar_one()
-            above_id = int(conn.execute(select(func.max(job_counts.c.id))).scalar_one() or highest)
+            highest = conn.execute(highest_id).scalar_one() or highest
         if gone < slice_rows:
-            return above_id
-        first = False
+            return int(highest)
 
 
 def try_fold_counts(engine: Engine, *, above_id: int = 0) -> int:

@@ -227,6 +227,26 @@ def test_top_breaks_ties_the_same_way_on_either_database(any_db_url: str, top: i
     engine.dispose()
 
 
+def _daemon_until_done(db_url: str, model: Path, workdir: Path) -> str:
+    """`runner daemon --until-done` in its own process; its stderr, once it exited 0."""
+    daemon = subprocess.run(
+        [*runner_process(db_url), *daemon_args(model, workdir), "--until-done"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert daemon.returncode == 0, daemon.stderr[-3000:]
+    return daemon.stderr
+
+
+def _set_for_database(engine, setting: str, value: str) -> None:  # type: ignore[no-untyped-def]
+    """ALTER DATABASE ... SET: the setting of every session opened after."""
+    with engine.connect() as conn:
+        database = conn.execute(text("SELECT current_database()")).scalar_one()
+        conn.execute(text(f"ALTER DATABASE \"{database}\" SET {setting} = '{value}'"))
+        conn.commit()
+
+
 def test_a_starting_daemon_folds_the_counts(pg_url: str, tiny_model: Path, tmp_path: Path) -> None:
     engine = _engine(pg_url)
     for i in range(3):  # three imports, three statements: three rows
@@ -234,13 +254,7 @@ def test_a_starting_daemon_folds_the_counts(pg_url: str, tiny_model: Path, tmp_p
     with engine.connect() as conn:
         before = conn.execute(text("SELECT max(id) FROM job_counts")).scalar_one()
     assert _count_rows(engine) == 3
-    daemon = subprocess.run(
-        [*runner_process(pg_url), *daemon_args(tiny_model, tmp_path / "w"), "--until-done"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert daemon.returncode == 0, daemon.stderr[-3000:]
+    _daemon_until_done(pg_url, tiny_model, tmp_path / "w")
     with engine.connect() as conn:  # folded before it claimed (and failed) the three
         left = conn.execute(text("SELECT count(*) FROM job_counts WHERE id <= :id"), {"id": before})
         assert left.scalar_one() == 0
@@ -304,15 +318,9 @@ def _import_on(conn, key: str) -> None:  # type: ignore[no-untyped-def]
 def test_statements_run_read_committed_whatever_the_server_default(pg_url: str) -> None:
     """Claims, the migration's seed and folds are written for READ COMMITTED: under
     REPEATABLE READ the seed could count from a snapshot older than its triggers."""
-    with make_engine(pg_url).connect() as conn:
-        database = conn.execute(text("SELECT current_database()")).scalar_one()
-        conn.execute(
-            text(
-                f'ALTER DATABASE "{database}" SET default_transaction_isolation = '
-                "'repeatable read'"
-            )
-        )
-        conn.commit()
+    setup = make_engine(pg_url)
+    _set_for_database(setup, "default_transaction_isolation", "repeatable read")
+    setup.dispose()
     engine = _engine(pg_url)
     with engine.begin() as conn:
         assert conn.execute(text("SHOW transaction_isolation")).scalar_one() == "read committed"
@@ -359,10 +367,7 @@ def test_a_fold_that_fails_fails_neither_an_import_nor_a_daemon(
 
     engine = _engine(pg_url)
     _import(engine, {"first": "ftp://nowhere"})
-    with engine.connect() as conn:
-        database = conn.execute(text("SELECT current_database()")).scalar_one()
-        conn.execute(text(f"ALTER DATABASE \"{database}\" SET lock_timeout = '200ms'"))
-        conn.commit()
+    _set_for_database(engine, "lock_timeout", "200ms")
     engine.dispose()
     engine = _engine(pg_url)
     with engine.connect() as holder:
@@ -373,14 +378,8 @@ def test_a_fold_that_fails_fails_neither_an_import_nor_a_daemon(
         catalogue.write_text(json.dumps({"second": {"url": "ftp://nowhere"}}))
         counts, _ = import_catalogue(engine, catalogue, CatalogueFormat("key", "url"))
         assert counts.invalid == 1  # stored, failed at import: no fetchable URL
-        daemon = subprocess.run(
-            [*runner_process(pg_url), *daemon_args(tiny_model, tmp_path / "w"), "--until-done"],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert daemon.returncode == 0, daemon.stderr[-3000:]
-        assert "job counts not folded" in daemon.stderr
+        stderr = _daemon_until_done(pg_url, tiny_model, tmp_path / "w")
+        assert "job counts not folded" in stderr
         holder.rollback()
     _assert_true(engine)
     assert _counted(engine)[0][Status.FAILED] == 2  # one by the import, one by the daemon
