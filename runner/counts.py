@@ -46,17 +46,22 @@ FOLD_EVERY_S = 60.0
 #: the most rows one fold statement takes (the oldest): a statement_timeout, or a
 #: backlog left with no daemon running, must not make every fold fail
 FOLD_SLICE_ROWS = 100_000
-#: a slice of rows out, their sums back in, in one statement (folding any subset
+#: a slice of the rows up to :upto out, their sums back in (at ids past :upto, so
+#: one pass never takes its own output again), in one statement (folding any subset
 #: keeps every sum); how many rows went out
 FOLD = text(
     "WITH gone AS (DELETE FROM job_counts WHERE id IN"
-    " (SELECT id FROM job_counts ORDER BY id LIMIT :rows)"
+    " (SELECT id FROM job_counts WHERE id <= :upto ORDER BY id LIMIT :rows)"
     " RETURNING status, error_class, reason, n),"
     " kept AS (INSERT INTO job_counts (status, error_class, reason, n)"
     " SELECT status, error_class, reason, sum(n) FROM gone"
     " GROUP BY status, error_class, reason HAVING sum(n) <> 0 RETURNING 1)"
     " SELECT count(*) FROM gone"
 )
+#: how long a fold waits for a lock on job_counts (an operator's SELECT FOR UPDATE,
+#: a VACUUM FULL) before it gives up until the next time: it runs on a daemon's
+#: database thread, where heartbeats queue behind it
+FOLD_LOCK_WAIT_MS = 2000
 #: one fold at a time across every daemon (pg_try_advisory_xact_lock's key)
 _FOLD_LOCK = 0x72756E6E65720006
 
@@ -138,24 +143,29 @@ def fold_counts(engine: Engine, *, above_id: int = 0, slice_rows: int = FOLD_SLI
     `above_id`; returns the highest id after, to pass next time (so a daemon with
     nothing to do folds nothing).  Nothing on SQLite, or while another fold runs.
 
-    A slice of `slice_rows` per transaction, oldest first, until a slice comes up
-    short.  Each is one statement: a reader sees its rows before it or after it,
-    never half, and rows that triggers append meanwhile are not in its snapshot."""
+    One pass over the rows there when it starts, a slice of `slice_rows` per
+    transaction, oldest first.  Each slice is one statement: a reader sees its rows
+    before it or after it, never half, and rows that triggers append meanwhile are
+    not in its snapshot.  A pass leaves a row per group per slice; with more groups
+    than a slice holds, later passes merge those further."""
+    if slice_rows < 1:
+        raise ValueError(f"slice_rows must be at least 1, not {slice_rows}")
     if not counts_are_kept(engine):  # and no write lock taken on SQLite to find out
         return above_id
     highest_id = select(func.max(job_counts.c.id))
     with engine.connect() as conn:
-        highest = conn.execute(highest_id).scalar_one()
-    if highest is None or highest <= above_id:  # nothing added since
+        upto = conn.execute(highest_id).scalar_one()
+    if upto is None or upto <= above_id:  # nothing added since
         return above_id
     while True:
         with engine.begin() as conn:
             if not conn.execute(select(func.pg_try_advisory_xact_lock(_FOLD_LOCK))).scalar_one():
                 return above_id
-            gone = conn.execute(FOLD, {"rows": slice_rows}).scalar_one()
-            highest = conn.execute(highest_id).scalar_one() or highest
+            conn.exec_driver_sql(f"SET LOCAL lock_timeout = '{FOLD_LOCK_WAIT_MS}ms'")
+            gone = conn.execute(FOLD, {"upto": upto, "rows": slice_rows}).scalar_one()
+            highest = conn.execute(highest_id).scalar_one()
         if gone < slice_rows:
-            return int(highest)
+            return int(highest or upto)
 
 
 def try_fold_counts(engine: Engine, *, above_id: int = 0) -> int:

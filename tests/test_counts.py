@@ -270,7 +270,7 @@ def test_a_truncate_waits_for_a_fold_and_clears_its_rows(pg_url: str) -> None:
     _import(engine, {"other": "http://media.test/v/other"})
     with engine.connect() as folding:
         folding.begin()
-        folding.execute(FOLD, {"rows": 1000})
+        folding.execute(FOLD, {"upto": 1_000_000, "rows": 1000})
         truncate = threading.Thread(target=lambda: _run(engine, "TRUNCATE jobs"))
         truncate.start()
         truncate.join(0.5)
@@ -345,15 +345,37 @@ def test_an_adoption_folds_what_its_per_key_updates_left(pg_url: str, tmp_path: 
 
 def test_folding_in_slices_keeps_every_sum(pg_url: str) -> None:
     """A backlog is folded a slice at a time (a statement_timeout must not make
-    every fold fail): each slice keeps the sums, and slices go on until one is short."""
+    every fold fail): each slice keeps the sums, a pass ends, and passes merge the
+    slices' rows until one row per group is left."""
     engine = _engine(pg_url)
     for i in range(9):  # nine statements: nine rows of counts at least
         _import(engine, {f"k{i}": f"http://media.test/v/{i}"})
-    before = _count_rows(engine)
-    assert before >= 9
-    fold_counts(engine, slice_rows=2)
+    rows = [_count_rows(engine)]
+    assert rows[0] >= 9
+    while rows[-1] > 1:
+        fold_counts(engine, slice_rows=2)
+        _assert_true(engine)
+        rows.append(_count_rows(engine))
+        assert rows[-1] < rows[-2]
+    with pytest.raises(ValueError):
+        fold_counts(engine, slice_rows=0)
+    engine.dispose()
+
+
+def test_a_pass_ends_with_more_groups_than_a_slice_holds(pg_url: str) -> None:
+    """Each slice writes its sums back after the rows it took: a pass that took its
+    own output again never ended once the groups outnumbered a slice."""
+    engine = _engine(pg_url)
+    _import(engine, {f"k{i}": f"http://media.test/v/{i}" for i in range(5)})
+    for i, job in enumerate(jobs.claim(engine, worker_id="w", limit=5, lease_s=60)):
+        failure = Failure(f"reason {i}", "http")  # five groups of failed jobs
+        jobs.store_outcomes(engine, [Outcome(jobs.start(engine, job), failure=failure)])
+    done = threading.Event()
+    folder = threading.Thread(target=lambda: (fold_counts(engine, slice_rows=2), done.set()))
+    folder.start()
+    folder.join(30)
+    assert done.is_set()
     _assert_true(engine)
-    assert _count_rows(engine) == 1
     engine.dispose()
 
 
